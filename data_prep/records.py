@@ -1,6 +1,8 @@
 """The one in-memory form every reader produces, whatever format the dataset ships in."""
 import dataclasses
 
+from absl import logging
+
 # Longest caption in tokens that the model sees; longer ones are truncated.
 DEFAULT_MAX_LENGTH = 32
 CUHK_PEDES_MAX_LENGTH = 56
@@ -52,3 +54,14 @@ class SourceDataset:
 
     def split(self, name: str) -> list[ImageRecord]:
         return [record for record in self.records if record.split == name]
+
+
+def skip_or_raise(skipped: list[Skipped], item: str, reason: str, strict: bool) -> None:
+    """Records a skippable problem, or raises DataFormatError for it under --strict.
+
+    item names the file (with a line number or id where that helps), reason says why.
+    """
+    if strict:
+        raise DataFormatError(f"{item}: {reason}")
+    logging.warning("skipping %s: %s", item, reason)
+    skipped.append(Skipped(item=item, reason=reason))
