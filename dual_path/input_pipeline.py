@@ -1,0 +1,398 @@
+"""tf.data pipelines from the TFRecord shards of `shard_format` to model-ready batches.
+
+Three pipelines:
+
+* `train_dataset`: every training image once per epoch, repeated forever, each paired
+  with ONE of its captions drawn at random every epoch, augmented as in the paper
+  (random-resized crop, horizontal flip that swaps "left"/"right" in the caption,
+  random position of the caption in its max_length slots).
+* `eval_image_dataset`: every image of a split once, in index order, whole and resized.
+* `eval_caption_dataset`: every caption of a split once, in caption-id order.
+
+Captions are small: all caption shards of a split are read once into memory (`read_captions`).
+Images are streamed from their shards.
+
+Determinism: every random choice in `train_dataset` is a stateless op whose seed is derived
+from (seed, the element's position in the repeated stream), so batches depend only on the
+seed, not on thread scheduling (with deterministic=True, which also fixes element order).
+
+Images come out as float32 in 0..255 with no model-specific normalisation: the model does that.
+"""
+import dataclasses
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from dual_path import shard_format, text
+
+FLIP_MODES = ("swap_left_right", "plain", "off")
+# Words that name a side of the image; a horizontal flip turns each prefix into the other.
+MIRRORED_PREFIXES = ("left", "right")
+
+DEFAULT_SHUFFLE_BUFFER = 2048  # serialized image Examples held for shuffling (JPEG bytes)
+MAX_INTERLEAVED_SHARDS = 16
+_CROP_ATTEMPTS = 100
+_CAPTION_PARSE_BATCH = 4096
+
+# Manifest layout read here: {"splits": {split: {"num_images": int, "num_captions": int}}, ...}.
+MANIFEST_SPLITS = "splits"
+MANIFEST_NUM_IMAGES = "num_images"
+MANIFEST_NUM_CAPTIONS = "num_captions"
+
+
+def load_manifest(shard_dir: str) -> dict:
+    """The manifest JSON written next to the shards by `data_prep.build_shards`."""
+    path = shard_format.manifest_path(shard_dir)
+    try:
+        with tf.io.gfile.GFile(path, "r") as manifest_file:
+            manifest = json.loads(manifest_file.read())
+    except tf.errors.NotFoundError as error:
+        raise FileNotFoundError(f"{path}: no shard manifest (run dual-path-build-shards first)") from error
+    except (tf.errors.OpError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the shard manifest: {error}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: the shard manifest is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: the shard manifest must be a JSON object")
+    return manifest
+
+
+def split_count(manifest: dict, split: str, count: str = MANIFEST_NUM_IMAGES) -> int:
+    """manifest["splits"][split][count], e.g. the number of images of a split."""
+    try:
+        return int(manifest[MANIFEST_SPLITS][split][count])
+    except (KeyError, TypeError) as error:
+        raise KeyError(f"the shard manifest has no {MANIFEST_SPLITS}.{split}.{count}") from error
+
+
+def steps_per_epoch(manifest: dict, batch_size: int, split: str = "train", drop_remainder: bool = True) -> int:
+    """Batches in one pass over a split's images; drop_remainder as in `train_dataset`."""
+    num_images = split_count(manifest, split, MANIFEST_NUM_IMAGES)
+    if drop_remainder:
+        return num_images // batch_size
+    return -(-num_images // batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Captions:
+    """All captions of one split, in caption-id order (row m is caption id m); M captions.
+
+    token_ids: tf.RaggedTensor of int32, [M, (length)], unpadded token ids.
+    image_index: np.ndarray of int32, [M], the image each caption describes.
+    label: np.ndarray of int32, [M], the instance class of that image.
+    """
+
+    token_ids: tf.RaggedTensor
+    image_index: np.ndarray
+    label: np.ndarray
+
+    @property
+    def num_images(self) -> int:
+        """1 + the largest image index; every image below it has at least one caption."""
+        return int(self.image_index.max()) + 1
+
+
+def read_captions(shard_dir: str, split: str) -> Captions:
+    """Reads every caption shard of a split into memory and checks the ids are complete.
+
+    Raises ValueError naming the shard (unreadable record) or the split (caption ids that
+    are not 0..M-1, an image index with no caption).
+    """
+    token_values, token_lengths, caption_ids, image_index, labels = [], [], [], [], []
+    for path in shard_format.shard_files(shard_dir, split, shard_format.CAPTIONS):
+        batches = (
+            tf.data.TFRecordDataset(path)
+            .batch(_CAPTION_PARSE_BATCH)
+            .map(lambda serialized: tf.io.parse_example(serialized, shard_format.CAPTION_FEATURES))
+        )
+        try:
+            for batch in batches:
+                ids = tf.RaggedTensor.from_sparse(batch[shard_format.CAPTION_TOKEN_IDS])
+                token_values.append(ids.flat_values.numpy())
+                token_lengths.append(ids.row_lengths().numpy())
+                caption_ids.append(batch[shard_format.CAPTION_ID].numpy())
+                image_index.append(batch[shard_format.IMAGE_INDEX].numpy())
+                labels.append(batch[shard_format.IMAGE_LABEL].numpy())
+        except tf.errors.OpError as error:
+            raise ValueError(f"{path}: unreadable caption shard: {error.message}") from error
+    caption_ids = np.concatenate(caption_ids)
+    where = f"{shard_dir} ({split} captions)"
+    order = np.argsort(caption_ids, kind="stable")
+    if not np.array_equal(caption_ids[order], np.arange(len(caption_ids))):
+        raise ValueError(f"{where}: caption ids are not 0..{len(caption_ids) - 1}, each once")
+    token_ids = tf.RaggedTensor.from_row_lengths(
+        np.concatenate(token_values).astype(np.int32), np.concatenate(token_lengths)
+    )
+    image_index = np.concatenate(image_index).astype(np.int32)[order]
+    if image_index.min() < 0:
+        raise ValueError(f"{where}: negative image index {image_index.min()}")
+    without_caption = np.flatnonzero(np.bincount(image_index) == 0)
+    if without_caption.size:
+        raise ValueError(f"{where}: image index {without_caption[0]} has no caption")
+    return Captions(
+        token_ids=tf.gather(token_ids, order),
+        image_index=image_index,
+        label=np.concatenate(labels).astype(np.int32)[order],
+    )
+
+
+def left_right_swap_table(vocabulary: text.Vocabulary) -> np.ndarray:
+    """The token-id permutation that a horizontal flip applies to a caption.
+
+    A word starting with "left" and the word with that prefix replaced by "right" swap ids
+    when both are in the vocabulary (left/right, leftmost/rightmost, lefthand/righthand, ...);
+    every other id maps to itself.
+
+    Returns:
+      np.ndarray of int32, [vocabulary.size]: table[id] is the id of the mirrored word.
+    """
+    table = np.arange(vocabulary.size, dtype=np.int32)
+    left, right = MIRRORED_PREFIXES
+    for word in vocabulary.words:
+        if not word.startswith(left):
+            continue
+        left_id = vocabulary.word_to_id(word)
+        right_id = vocabulary.word_to_id(right + word[len(left):])
+        if right_id is not None:
+            table[left_id], table[right_id] = right_id, left_id
+    return table
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> float32 [image_size, image_size, 3] in 0..255 (bilinear, antialiased)."""
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.ensure_shape(resized, [image_size, image_size, 3])
+
+
+def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, crop_area, crop_aspect) -> tf.Tensor:
+    """Decodes only a random crop of a JPEG.
+
+    Args:
+      encoded: tf.string [], JPEG bytes.
+      seed: int64 [2], stateless seed.
+      crop_area: (min, max) fraction of the image area the crop covers.
+      crop_aspect: (min, max) crop width / height.
+    Returns:
+      uint8 [crop height, crop width, 3].
+    """
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(encoded),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=crop_area[0],
+        aspect_ratio_range=crop_aspect,
+        area_range=crop_area,
+        max_attempts=_CROP_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop_window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return tf.image.decode_and_crop_jpeg(encoded, crop_window, channels=3)
+
+
+def _place_caption(token_ids: tf.Tensor, offset: tf.Tensor, max_length: int) -> tf.Tensor:
+    """Puts token_ids (int32 [length <= max_length]) at slots offset.. of int32 [max_length] zeros."""
+    length = tf.shape(token_ids)[0]
+    placed = tf.pad(token_ids, [[offset, max_length - length - offset]])
+    return tf.ensure_shape(placed, [max_length])
+
+
+def _check_args(batch_size: int, image_size: int | None = None, max_length: int | None = None) -> None:
+    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("max_length", max_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def train_dataset(
+    shard_dir: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    max_length: int,
+    seed: int,
+    vocabulary: text.Vocabulary | None = None,
+    flip: str = "swap_left_right",
+    position_shift: bool = True,
+    crop_area: tuple[float, float] = (0.8, 1.0),
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    drop_remainder: bool = True,
+    deterministic: bool = True,
+    split: str = "train",
+) -> tf.data.Dataset:
+    """Augmented (image, caption) pairs of a split, every image once per epoch, forever.
+
+    Per image and epoch: one of its captions at random (at most max_length ids); a random crop
+    covering crop_area of the image with width/height in crop_aspect, decoded alone and
+    resized to image_size x image_size; a horizontal flip with probability 1/2 unless
+    flip="off", which with flip="swap_left_right" also swaps mirrored words of the caption
+    (`left_right_swap_table`); the caption placed at a random offset of its max_length slots
+    (position_shift) or at slot 0.
+
+    Args:
+      shard_dir: folder with the split's image and caption shards (and vocab.txt when
+        flip="swap_left_right" and no vocabulary is given).
+      vocabulary: for the swap table; default `text.Vocabulary.load(text.vocabulary_path(shard_dir))`.
+      shuffle_buffer: serialized image Examples held for shuffling, reshuffled each epoch.
+      deterministic: keep element order fixed (parallel reads and maps in order).
+    Returns:
+      tf.data.Dataset of dicts, B = batch_size (the last batch of the endless stream is never
+      partial when drop_remainder):
+        "image": float32 [B, image_size, image_size, 3], RGB in 0..255.
+        "token_ids": int32 [B, max_length], 0 = padding.
+        "label": int32 [B], the instance class.
+        "image_index": int32 [B], the image's index in its split.
+    """
+    _check_args(batch_size, image_size, max_length)
+    if flip not in FLIP_MODES:
+        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    if not (0.0 < crop_area[0] <= crop_area[1] <= 1.0):
+        raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1, got {crop_area}")
+    if not (0.0 < crop_aspect[0] <= crop_aspect[1]):
+        raise ValueError(f"crop_aspect must satisfy 0 < min <= max, got {crop_aspect}")
+
+    captions = read_captions(shard_dir, split)
+    per_image_order = np.argsort(captions.image_index, kind="stable")
+    by_image = tf.gather(captions.token_ids, per_image_order)
+    caption_values = by_image.flat_values
+    caption_row_splits = by_image.row_splits
+    counts = np.bincount(captions.image_index)
+    first_caption = tf.constant(np.cumsum(counts) - counts, tf.int64)
+    caption_count = tf.constant(counts, tf.int32)
+    num_images = captions.num_images
+
+    swap_table = None
+    if flip == "swap_left_right":
+        if vocabulary is None:
+            vocabulary = text.Vocabulary.load(text.vocabulary_path(shard_dir))
+        largest_id = int(caption_values.numpy().max(initial=0))
+        if largest_id >= vocabulary.size:
+            raise ValueError(
+                f"{shard_dir} ({split} captions): token id {largest_id} is outside the vocabulary "
+                f"of {vocabulary.size} ids"
+            )
+        swap_table = tf.constant(left_right_swap_table(vocabulary))
+
+    def augment(position: tf.Tensor, serialized: tf.Tensor) -> dict:
+        """position: int64 [] in the repeated stream; serialized: tf.string [] image Example."""
+        example = shard_format.parse_image_example(serialized)
+        crop_seed, flip_seed, caption_seed, shift_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), position]), num=4)
+        )
+        image = _resize(_decode_random_crop(example[shard_format.IMAGE_ENCODED], crop_seed, crop_area, crop_aspect),
+                        image_size)
+
+        image_index = tf.cast(example[shard_format.IMAGE_INDEX], tf.int32)
+        tf.debugging.assert_less(
+            image_index, num_images, message=f"{shard_dir} ({split}): an image index has no caption"
+        )
+        choice = tf.random.stateless_uniform(
+            [], caption_seed, minval=0, maxval=caption_count[image_index], dtype=tf.int32
+        )
+        row = first_caption[image_index] + tf.cast(choice, tf.int64)
+        token_ids = caption_values[caption_row_splits[row]:caption_row_splits[row + 1]][:max_length]
+
+        if flip != "off":
+            flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
+            image = tf.cond(flipped, lambda: tf.image.flip_left_right(image), lambda: image)
+            if swap_table is not None:
+                token_ids = tf.cond(flipped, lambda: tf.gather(swap_table, token_ids), lambda: token_ids)
+
+        offset = 0
+        if position_shift:
+            free_slots = max_length - tf.shape(token_ids)[0]
+            offset = tf.random.stateless_uniform([], shift_seed, minval=0, maxval=free_slots + 1, dtype=tf.int32)
+        return {
+            "image": image,
+            "token_ids": _place_caption(token_ids, offset, max_length),
+            "label": tf.cast(example[shard_format.IMAGE_LABEL], tf.int32),
+            "image_index": image_index,
+        }
+
+    files = shard_format.shard_files(shard_dir, split, shard_format.IMAGES)
+    return (
+        tf.data.Dataset.from_tensor_slices(files)
+        .shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        .interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), MAX_INTERLEAVED_SHARDS),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+        .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .enumerate()
+        .map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def eval_image_dataset(shard_dir: str, split: str, *, batch_size: int, image_size: int) -> tf.data.Dataset:
+    """Every image of a split once, in index order, whole (no crop, no flip) and resized.
+
+    Returns:
+      tf.data.Dataset of dicts, B = batch_size except for a smaller last batch:
+        "image": float32 [B, image_size, image_size, 3], RGB in 0..255.
+        "image_index": int32 [B], 0, 1, 2, ... across batches.
+        "label": int32 [B], the instance class (the person id for CUHK-PEDES).
+    """
+    _check_args(batch_size, image_size)
+
+    def decode(serialized: tf.Tensor) -> dict:
+        example = shard_format.parse_image_example(serialized)
+        image = tf.io.decode_jpeg(example[shard_format.IMAGE_ENCODED], channels=3)
+        return {
+            "image": _resize(image, image_size),
+            "image_index": tf.cast(example[shard_format.IMAGE_INDEX], tf.int32),
+            "label": tf.cast(example[shard_format.IMAGE_LABEL], tf.int32),
+        }
+
+    files = shard_format.shard_files(shard_dir, split, shard_format.IMAGES)
+    return (
+        tf.data.TFRecordDataset(files)
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def eval_caption_dataset(
+    shard_dir: str, split: str, *, batch_size: int, max_length: int, shift: int = 0
+) -> tf.data.Dataset:
+    """Every caption of a split once, in caption-id order.
+
+    A caption keeps its first max_length ids and starts at slot min(shift, max_length - length).
+
+    Returns:
+      tf.data.Dataset of dicts, B = batch_size except for a smaller last batch:
+        "token_ids": int32 [B, max_length], 0 = padding.
+        "image_index": int32 [B], the image the caption describes.
+        "caption_id": int32 [B], 0, 1, 2, ... across batches.
+        "label": int32 [B], the instance class of that image.
+    """
+    _check_args(batch_size, max_length=max_length)
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    captions = read_captions(shard_dir, split)
+
+    def place(caption: dict) -> dict:
+        token_ids = caption.pop("token_ids")[:max_length]
+        offset = tf.minimum(shift, max_length - tf.shape(token_ids)[0])
+        caption["token_ids"] = _place_caption(token_ids, offset, max_length)
+        return caption
+
+    return (
+        tf.data.Dataset.from_tensor_slices(
+            {
+                "token_ids": captions.token_ids,
+                "image_index": captions.image_index,
+                "caption_id": np.arange(len(captions.image_index), dtype=np.int32),
+                "label": captions.label,
+            }
+        )
+        .map(place, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
