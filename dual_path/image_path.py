@@ -1,0 +1,124 @@
+"""The image path's CNN backbone: RGB pixels -> one pooled feature vector per image.
+
+Any `keras.applications` backbone can be named (ResNet50, the paper's choice, ResNet101,
+MobileNet with `alpha`, MobileNetV2, EfficientNetB0, ...). It is built with
+`include_top=False, pooling="avg"` (pool5) and with the backbone's own `preprocess_input`
+inside the model, so that every backbone, and every model exported from it, takes the same
+input: float32 RGB pixels in 0..255. "small_cnn" is a few conv-BN-ReLU blocks for the small
+synthetic dataset, where training has to take minutes on a CPU.
+
+The head that follows the backbone (fc -> BN -> ReLU -> fc -> BN -> ReLU -> Dropout) is the
+same for both paths and is built in `dual_path.model`.
+"""
+import os
+from typing import Sequence
+
+import keras
+
+SMALL_CNN = "small_cnn"
+IMAGENET = "imagenet"
+
+
+def application_names() -> list[str]:
+    """Names of the keras.applications backbones build_image_backbone accepts."""
+    return sorted(name for name in dir(keras.applications) if name[:1].isupper())
+
+
+def _application_module(name: str):
+    """The public keras.applications module of a backbone: resnet for ResNet50, and so on."""
+    if name not in application_names():
+        raise ValueError(
+            f"unknown image backbone {name!r}: expected {SMALL_CNN!r} or one of "
+            f"{', '.join(application_names())}"
+        )
+    constructor = getattr(keras.applications, name)
+    return getattr(keras.applications, constructor.__module__.rsplit(".", 1)[-1])
+
+
+@keras.saving.register_keras_serializable(package="dual_path")
+class BackbonePreprocessing(keras.layers.Layer):
+    """The named backbone's own `preprocess_input`, as a layer.
+
+    Input: float32 [B, S, S, 3], RGB in 0..255. Output: float32 [B, S, S, 3] in the range and
+    channel order the backbone was trained with (caffe: BGR minus the ImageNet mean; tf: -1..1;
+    torch: ImageNet mean and std; or unchanged where the backbone rescales by itself).
+    Computed in float32 whatever the global dtype policy, so that 0..255 keeps its precision.
+    """
+
+    def __init__(self, backbone_name: str, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.backbone_name = backbone_name
+        self._preprocess_input = _application_module(backbone_name).preprocess_input
+
+    def call(self, images):
+        return self._preprocess_input(images)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone_name": self.backbone_name}
+
+
+def _small_cnn(images, widths: Sequence[int]):
+    """float32 [B, S, S, 3] in 0..255 -> [B, widths[-1]]: stride-2 3x3 conv-BN-ReLU blocks, avg pool."""
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="small_cnn_rescale")(images)
+    for index, width in enumerate(widths, start=1):
+        x = keras.layers.Conv2D(
+            width, 3, strides=2, padding="same", use_bias=False, name=f"small_cnn_conv{index}"
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"small_cnn_bn{index}")(x)
+        x = keras.layers.ReLU(name=f"small_cnn_relu{index}")(x)
+    return keras.layers.GlobalAveragePooling2D(name="small_cnn_pool")(x)
+
+
+def _application(images, name: str, weights: str | None, input_size: int, alpha: float | None):
+    """float32 [B, S, S, 3] in 0..255 -> [B, F]: preprocess_input, then the pooled application."""
+    preprocessing = BackbonePreprocessing(name, name="preprocess_input")
+    constructor = getattr(keras.applications, name)
+    options = dict(include_top=False, weights=weights, input_shape=(input_size, input_size, 3),
+                   pooling="avg")
+    if alpha is not None:
+        if name not in ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large"):
+            raise ValueError(f"alpha={alpha} given, but image backbone {name!r} has no width multiplier")
+        options["alpha"] = alpha
+    network = constructor(**options)
+    return network(preprocessing(images))
+
+
+def build_image_backbone(
+    name: str = "ResNet50",
+    weights: str | None = IMAGENET,
+    input_size: int = 224,
+    alpha: float | None = None,
+    small_cnn_widths: Sequence[int] = (32, 64, 128, 256),
+) -> keras.Model:
+    """The image CNN up to its global average pool (pool5).
+
+    Args:
+      name: a keras.applications constructor name (see `application_names()`) or "small_cnn".
+      weights: "imagenet" (downloaded by Keras, applications only), None (random), or the path
+        of a weights file saved from the same architecture (.h5 or .weights.h5), e.g.
+        ../shared/weights/mobilenet_2_5_224_tf_no_top.h5 with MobileNet alpha=0.25.
+      input_size: S, the side of the square input image in pixels.
+      alpha: the width multiplier of MobileNet, MobileNetV2 and MobileNetV3; None for the default.
+      small_cnn_widths: output channels of the small_cnn blocks, one stride-2 block each.
+
+    Returns:
+      keras.Model "image_backbone": float32 [B, S, S, 3] RGB in 0..255 -> [B, F] pooled features
+      (F = 2048 for ResNet50, widths[-1] for small_cnn). Setting its `trainable` to False freezes
+      its weights and makes its BatchNormalization layers use, and keep, their moving statistics.
+    """
+    if weights not in (None, IMAGENET) and not os.path.isfile(weights):
+        raise FileNotFoundError(f"image backbone weights file {weights!r} does not exist")
+    images = keras.Input(shape=(input_size, input_size, 3), dtype="float32", name="image")
+    if name == SMALL_CNN:
+        if weights == IMAGENET:
+            raise ValueError("the small_cnn backbone has no ImageNet weights: use weights=None or a file")
+        if alpha is not None:
+            raise ValueError(f"alpha={alpha} given, but image backbone 'small_cnn' has no width multiplier")
+        features = _small_cnn(images, small_cnn_widths)
+    else:
+        features = _application(images, name, weights, input_size, alpha)
+    backbone = keras.Model(images, features, name="image_backbone")
+    if name == SMALL_CNN and weights is not None:
+        backbone.load_weights(weights)
+    return backbone
