@@ -1,0 +1,189 @@
+"""The dual-path model: an image path and a text path that share one instance classifier.
+
+Data flow (paper Section 3, Fig. 2):
+
+  image float32 [B, S, S, 3], RGB 0..255 -> image backbone (pool5) -> image head
+  token_ids int32 [B, L]                 -> text CNN (max pool)    -> text head
+  head: fc -> BN -> ReLU -> fc -> BN -> ReLU -> Dropout            (own weights per path)
+  both heads' outputs -> the shared classifier (one Dense kernel)  -> logits [B, C]
+  the retrieval embedding, by default after the last BN (before its ReLU), L2-normalised.
+
+Logits and embeddings are float32 even under the mixed_float16 dtype policy.
+"""
+import dataclasses
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from dual_path.image_path import build_image_backbone
+from dual_path.text_path import WORD_EMBEDDING, build_text_path
+
+EMBEDDING_POINTS = ("bn", "relu", "dropout")
+SHARED_CLASSIFIER = "shared_classifier"
+
+
+@dataclasses.dataclass
+class DualPathConfig:
+    """Every hyperparameter of the model architecture, in one place."""
+
+    vocab_size: int
+    """Number of token ids, reserved ones included (`Vocabulary.size`)."""
+    num_classes: int
+    """C: one class per training image (instance loss): the classifier's output size."""
+    max_length: int = 32
+    """L: token ids per caption, padded with 0 (the original uses 32)."""
+
+    backbone: str = "ResNet50"
+    """A keras.applications constructor name, or "small_cnn"."""
+    weights: str | None = "imagenet"
+    """Backbone weights: "imagenet", None (random), or a weights file path."""
+    image_size: int = 224
+    """S: the side of the square input image, in pixels."""
+    alpha: float | None = None
+    """Width multiplier of MobileNet / MobileNetV2 / MobileNetV3; None for the default."""
+    small_cnn_widths: Sequence[int] = (32, 64, 128, 256)
+    """Output channels of the small_cnn's stride-2 conv blocks (backbone="small_cnn" only)."""
+
+    embedding_dim: int = 300
+    """Size of a word vector (word2vec's is 300)."""
+    embedding_lr_multiplier: float = 1e-3
+    """Learning rate multiplier of the word embedding (see `DualPath.lr_multipliers`)."""
+    text_blocks: Sequence[int] = (3, 4, 6, 1)
+    """Residual bottleneck blocks per text CNN stage."""
+    text_widths: Sequence[int] = (256, 512, 1024, 2048)
+    """Output channels per text CNN stage; the bottleneck is a quarter of it."""
+
+    head_dims: Sequence[int] = (2048, 2048)
+    """Output sizes of the head's fc -> BN -> ReLU layers; D = head_dims[-1]."""
+    dropout: float = 0.75
+    """Dropout rate before the classifier: 0.75 Flickr30k, 0.5 MSCOCO, 0.8 CUHK-PEDES."""
+    embedding_point: str = "bn"
+    """Where the retrieval embedding is taken: "bn" (after the last BN, the original's
+    choice), "relu" (after the last ReLU) or "dropout" (the classifier's input)."""
+
+    share_classifier: bool = True
+    """One classifier for both paths (the paper); False gives each path its own (ablation)."""
+    classifier_bias: bool = False
+    """Whether the classifier has a bias."""
+
+    def __post_init__(self):
+        if self.embedding_point not in EMBEDDING_POINTS:
+            raise ValueError(f"embedding_point must be one of {EMBEDDING_POINTS}, "
+                             f"got {self.embedding_point!r}")
+        if not self.head_dims:
+            raise ValueError("head_dims must name at least one fc layer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
+class DualPath:
+    """The built model and handles on the parts the trainer and the exporter need.
+
+    All models share the same layers and weights.
+    """
+
+    config: DualPathConfig
+    training_model: keras.Model
+    """{"image": float32 [B, S, S, 3], "token_ids": int32 [B, L]} ->
+    {"image_logits": float32 [B, C], "text_logits": float32 [B, C],
+     "image_embedding": float32 [B, D], "text_embedding": float32 [B, D]} (embeddings L2-normalised)."""
+    image_encoder: keras.Model
+    """float32 [B, S, S, 3], RGB 0..255 -> float32 [B, D], L2-normalised."""
+    text_encoder: keras.Model
+    """int32 [B, L] token ids -> float32 [B, D], L2-normalised."""
+    backbone: keras.Model
+    """The image CNN; `backbone.trainable = False` freezes it, BN moving statistics included (stage I)."""
+    text_cnn: keras.Model
+    """The text CNN, word embedding included."""
+    image_classifier: keras.layers.Dense
+    text_classifier: keras.layers.Dense
+    """The same layer object as image_classifier when config.share_classifier."""
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning rate multiplier of every trainable variable, keyed by `variable.path`.
+
+        1.0 everywhere except the word embedding (config.embedding_lr_multiplier).
+        Call it after freezing: frozen variables are not listed.
+        """
+        embedding_path = self.text_cnn.get_layer(WORD_EMBEDDING).embeddings.path
+        return {
+            variable.path: (self.config.embedding_lr_multiplier
+                            if variable.path == embedding_path else 1.0)
+            for variable in self.training_model.trainable_variables
+        }
+
+
+def _head(features, config: DualPathConfig, path: str):
+    """features [B, F] -> (classifier input [B, D], L2-normalised float32 embedding [B, D]).
+
+    fc -> BN -> ReLU per entry of head_dims, then Dropout; the embedding is taken at
+    config.embedding_point of the last fc layer.
+    """
+    x = features
+    for index, dim in enumerate(config.head_dims, start=1):
+        x = keras.layers.Dense(dim, use_bias=False, name=f"{path}_fc{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"{path}_fc{index}_bn")(x)
+        after_bn = x
+        x = keras.layers.ReLU(name=f"{path}_fc{index}_relu")(x)
+    after_relu = x
+    x = keras.layers.Dropout(config.dropout, name=f"{path}_dropout")(x)
+    embedding_source = {"bn": after_bn, "relu": after_relu, "dropout": x}[config.embedding_point]
+    embedding = keras.layers.UnitNormalization(dtype="float32", name=f"{path}_embedding")(
+        embedding_source)
+    return x, embedding
+
+
+def _classifiers(config: DualPathConfig) -> tuple[keras.layers.Dense, keras.layers.Dense]:
+    """The (image, text) classifiers: one Dense(C) layer twice, or two. Computed in float32."""
+    def classifier(name):
+        return keras.layers.Dense(config.num_classes, use_bias=config.classifier_bias,
+                                  dtype="float32", name=name)
+
+    if config.share_classifier:
+        shared = classifier(SHARED_CLASSIFIER)
+        return shared, shared
+    return classifier("image_classifier"), classifier("text_classifier")
+
+
+def build_dual_path(config: DualPathConfig, embedding_init: np.ndarray | None = None) -> DualPath:
+    """Builds the dual-path model.
+
+    Args:
+      config: the architecture.
+      embedding_init: None or float [vocab_size, embedding_dim], the word embedding's initial
+        value (np.load(text.word2vec_init_path(shard_dir))).
+    """
+    images = keras.Input(shape=(config.image_size, config.image_size, 3), dtype="float32",
+                         name="image")
+    token_ids = keras.Input(shape=(config.max_length,), dtype="int32", name="token_ids")
+
+    backbone = build_image_backbone(config.backbone, config.weights, config.image_size,
+                                    config.alpha, config.small_cnn_widths)
+    image_features, image_embedding = _head(backbone(images), config, "image")
+
+    text_cnn = build_text_path(config.vocab_size, config.max_length, config.embedding_dim,
+                               embedding_init, config.text_blocks, config.text_widths)
+    text_features, text_embedding = _head(text_cnn(token_ids), config, "text")
+
+    image_classifier, text_classifier = _classifiers(config)
+    image_logits = image_classifier(image_features)
+    text_logits = text_classifier(text_features)
+
+    training_model = keras.Model(
+        inputs={"image": images, "token_ids": token_ids},
+        outputs={"image_logits": image_logits, "text_logits": text_logits,
+                 "image_embedding": image_embedding, "text_embedding": text_embedding},
+        name="dual_path",
+    )
+    return DualPath(
+        config=config,
+        training_model=training_model,
+        image_encoder=keras.Model(images, image_embedding, name="image_encoder"),
+        text_encoder=keras.Model(token_ids, text_embedding, name="text_encoder"),
+        backbone=backbone,
+        text_cnn=text_cnn,
+        image_classifier=image_classifier,
+        text_classifier=text_classifier,
+    )
