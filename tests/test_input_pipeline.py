@@ -139,8 +139,10 @@ def test_train_batch_shapes_and_dtypes(written):
     assert image.min() >= 0.0 and image.max() <= 255.0 and image.max() > 150.0
 
 
-def test_every_image_once_per_epoch_and_forever(written):
-    drawn = [e["image_index"] for e in examples(train(written, batch_size=5), 3 * NUM_IMAGES // 5)]
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_every_image_once_per_epoch_and_forever(written, deterministic):
+    dataset = train(written, batch_size=5, deterministic=deterministic)
+    drawn = [e["image_index"] for e in examples(dataset, 3 * NUM_IMAGES // 5)]
     epochs = np.reshape(drawn, [3, NUM_IMAGES])
     for epoch in epochs:
         assert sorted(epoch) == list(range(NUM_IMAGES))
