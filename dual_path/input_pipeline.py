@@ -35,10 +35,10 @@ MAX_INTERLEAVED_SHARDS = 16
 _CROP_ATTEMPTS = 100
 _CAPTION_PARSE_BATCH = 4096
 
-# Manifest layout read here: {"splits": {split: {"num_images": int, "num_captions": int}}, ...}.
+# Manifest layout read here (data_prep.build_shards): {"splits": {split: {"images": int, "captions": int}}}.
 MANIFEST_SPLITS = "splits"
-MANIFEST_NUM_IMAGES = "num_images"
-MANIFEST_NUM_CAPTIONS = "num_captions"
+MANIFEST_NUM_IMAGES = "images"
+MANIFEST_NUM_CAPTIONS = "captions"
 
 
 def load_manifest(shard_dir: str) -> dict:

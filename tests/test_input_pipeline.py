@@ -88,7 +88,7 @@ def write_shards(shard_dir, num_images=NUM_IMAGES) -> Written:
     for writer in writers:
         writer.close()
 
-    manifest = {"splits": {"train": {"num_images": num_images, "num_captions": len(captions)}},
+    manifest = {"splits": {"train": {"images": num_images, "captions": len(captions)}},
                 "num_classes": NUM_IMAGES // 2, "vocab_size": vocabulary.size, "max_length": 10}
     with open(shard_format.manifest_path(str(shard_dir)), "w") as manifest_file:
         json.dump(manifest, manifest_file)
@@ -267,7 +267,7 @@ def test_manifest_and_steps_per_epoch(written, tmp_path):
     manifest = input_pipeline.load_manifest(written.shard_dir)
     assert input_pipeline.steps_per_epoch(manifest, 8) == 2
     assert input_pipeline.steps_per_epoch(manifest, 8, drop_remainder=False) == 3
-    with pytest.raises(KeyError, match="splits.val.num_images"):
+    with pytest.raises(KeyError, match="splits.val.images"):
         input_pipeline.steps_per_epoch(manifest, 8, split="val")
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         input_pipeline.load_manifest(str(tmp_path))
