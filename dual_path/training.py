@@ -1,0 +1,651 @@
+"""The two-stage trainer: stage I with the backbone frozen, stage II end to end with ranking loss.
+
+Stage I (paper Section 3.3) freezes the image backbone, its BatchNorm statistics included,
+and trains the text CNN, both heads and the shared classifier W with the two instance
+losses. Stage II starts from stage I's final checkpoint, unfreezes the backbone (with its
+own lr multiplier) and adds the ranking loss. Each stage has its own loss weights
+(rank:image:text), epochs, lr schedule and a fresh optimizer, as the original's two runs.
+
+One training step (`_train_step`) runs under `strategy.run`: every loss follows
+`dual_path.losses`' convention (sum over the replica's rows / global batch size), the
+optimizer all-reduces the gradients with SUM, and the per-replica losses are reduced with
+SUM, so the numbers are global-batch means for any number of replicas.
+
+What a run writes under model_dir (see WORKSPACE.md):
+  flags.txt, flags.json                  the resolved flags (written by experiments/train.py)
+  stage{N}/ckpt-<step>.*                 model, optimizer, step, epoch, stage, best rsum;
+                                         every epoch and every `checkpoint_every_steps`
+  stage{N}/best/                         the checkpoint with the best validation rsum
+  stage{N}/done                          JSON, written atomically after the stage's final
+                                         checkpoint: a finished stage is never trained again
+  logs/stage{N}/train, .../validation    TensorBoard: losses, accuracies, lr, steps/s,
+                                         examples/s; R@K, rsum, a retrieval example;
+                                         logs/stage{N}/projector: validation embeddings
+  results.json                           validation (and test) metrics of the final model
+
+A run killed at any moment and started again with the same arguments resumes from the
+last checkpoint of the unfinished stage: weights, optimizer state, step (and with it
+the lr schedule), epoch. A non-finite loss stops the run (NonFiniteLossError) before
+anything is saved, so the last checkpoint stays the last good state.
+"""
+import dataclasses
+import io
+import json
+import math
+import os
+import textwrap
+import time
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from dual_path import embeddings, evaluation, input_pipeline, losses, optimization, shard_format
+from dual_path import text
+from dual_path.model import DualPath, DualPathConfig, build_dual_path
+
+STAGES = (1, 2)
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+DONE_MARKER = "done"
+BEST_DIR = "best"
+RESULTS_NAME = "results.json"
+RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+RETRIEVAL_EXAMPLE_TOP_K = 5
+_THUMBNAIL = 96
+# PIL's default bitmap font: about 6 pixels a character, 11 a line.
+_CHARACTER_WIDTH = 6
+_LINE_HEIGHT = 14
+_CAPTION_LINES = 3
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms: ranking, image instance, text instance (the paper's lambdas)."""
+
+    rank: float
+    image: float
+    text: float
+
+    @classmethod
+    def parse(cls, value: str) -> "LossWeights":
+        """"rank:image:text", e.g. "0:1:1" (stage I) or "2:1:0.1" (COCO stage II)."""
+        parts = value.split(":")
+        try:
+            weights = [float(part) for part in parts]
+        except ValueError:
+            weights = []
+        if len(weights) != 3 or any(weight < 0 or not math.isfinite(weight) for weight in weights):
+            raise ValueError(f"loss weights must be 'rank:image:text' with three non-negative "
+                             f"numbers, got {value!r}")
+        if not any(weights):
+            raise ValueError(f"loss weights {value!r} are all zero: nothing to train")
+        return cls(*weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """What differs between the two stages."""
+
+    stage: int
+    epochs: int
+    lr_values: Sequence[float]
+    lr_boundaries: Sequence[float]
+    """Where the next lr value starts, in `TrainConfig.lr_boundary_unit`."""
+    loss_weights: LossWeights
+    train_backbone: bool
+    """False freezes the backbone's weights and BatchNorm statistics (stage I)."""
+    backbone_lr_multiplier: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run; experiments/train.py fills it from flags."""
+
+    model_dir: str
+    shard_dir: str
+    model: DualPathConfig
+    stages: Sequence[StageConfig]
+    batch_size: int = 32
+    """Global batch size (all replicas together)."""
+    seed: int = 0
+    flip: str = "swap_left_right"
+    """input_pipeline flip mode of the training images."""
+    position_shift: bool = True
+    margin: float = 1.0
+    hardest_negative: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_boundary_unit: str = "epochs"
+    mixed_precision: bool = False
+    """mixed_float16 with dynamic loss scaling; mixed_bfloat16 on TPU."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
+    keep_checkpoints: int = 3
+    log_every_steps: int = 50
+    validation_split: str = "val"
+    validate_every_epochs: int = 1
+    eval_flip_images: bool = True
+    eval_shift_texts: bool = False
+    eval_folds: int = 1
+    evaluate_test: bool = False
+    test_split: str = "test"
+    projector_images: int = 500
+    """Validation images (with their captions) in the end-of-stage projector embeddings."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        numbers = [stage.stage for stage in self.stages]
+        if not numbers or numbers != sorted(set(numbers)) or not set(numbers) <= set(STAGES):
+            raise ValueError(f"stages must be 1, 2 or 1 then 2, got {numbers}")
+        for stage in self.stages:
+            if stage.epochs < 1:
+                raise ValueError(f"stage {stage.stage}: epochs must be positive, got {stage.epochs}")
+        if self.log_every_steps < 1 or self.checkpoint_every_steps < 0:
+            raise ValueError("log_every_steps must be >= 1 and checkpoint_every_steps >= 0")
+
+
+def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    """default | mirrored (all local GPUs) | multi_worker (TF_CONFIG) | tpu (address `tpu`)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes checkpoints, summaries and results (always, but on
+    non-chief workers of a multi-worker cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Writes JSON to path.tmp, then renames it over path: readers see old or new, whole."""
+    tmp_path = path + ".tmp"
+    with tf.io.gfile.GFile(tmp_path, "w") as output:
+        output.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(tmp_path, path, overwrite=True)
+
+
+def write_run_flags(model_dir: str, flagfile_text: str, values: dict) -> None:
+    """model_dir/flags.txt (an absl flagfile: rerun with --flagfile) and flags.json."""
+    tf.io.gfile.makedirs(model_dir)
+    tmp_path = os.path.join(model_dir, "flags.txt.tmp")
+    with tf.io.gfile.GFile(tmp_path, "w") as output:
+        output.write(flagfile_text)
+    tf.io.gfile.rename(tmp_path, os.path.join(model_dir, "flags.txt"), overwrite=True)
+    write_json_atomically(os.path.join(model_dir, "flags.json"), values)
+
+
+def stage_dir(model_dir: str, stage: int) -> str:
+    return os.path.join(model_dir, f"stage{stage}")
+
+
+def read_done_marker(model_dir: str, stage: int) -> dict | None:
+    """The stage's done marker ({"final_checkpoint", "step", "epoch", ...}) or None."""
+    path = os.path.join(stage_dir(model_dir, stage), DONE_MARKER)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as marker:
+        return json.loads(marker.read())
+
+
+def _final_checkpoint(model_dir: str, stage: int, done: dict) -> str:
+    return os.path.join(stage_dir(model_dir, stage), done["final_checkpoint"])
+
+
+def _checkpoint_number(path: str) -> int:
+    """N of a CheckpointManager path `.../ckpt-N` (the global step it was saved at)."""
+    return int(path.rsplit("-", 1)[1])
+
+
+def _read_caption_texts(shard_dir: str, split: str) -> list[str]:
+    """Raw caption text of every caption of a split, by caption id."""
+    texts = {}
+    files = shard_format.shard_files(shard_dir, split, shard_format.CAPTIONS)
+    for record in tf.data.TFRecordDataset(files).map(shard_format.parse_caption_example):
+        texts[int(record[shard_format.CAPTION_ID])] = record[shard_format.CAPTION_TEXT].numpy().decode("utf-8")
+    return [texts[caption_id] for caption_id in range(len(texts))]
+
+
+def _read_images(shard_dir: str, split: str, indices: Sequence[int], size: int) -> dict:
+    """{image index: uint8 [size, size, 3]} for the given image indices of a split."""
+    wanted = tf.constant(sorted(set(int(index) for index in indices)), tf.int64)
+    files = shard_format.shard_files(shard_dir, split, shard_format.IMAGES)
+    records = (tf.data.TFRecordDataset(files)
+               .map(shard_format.parse_image_example)
+               .filter(lambda record: tf.reduce_any(tf.equal(record[shard_format.IMAGE_INDEX], wanted))))
+    images = {}
+    for record in records:
+        image = tf.io.decode_jpeg(record[shard_format.IMAGE_ENCODED], channels=3)
+        image = tf.image.resize(image, [size, size], antialias=True)
+        images[int(record[shard_format.IMAGE_INDEX])] = tf.cast(tf.round(image), tf.uint8).numpy()
+    return images
+
+
+def retrieval_example_image(query: str, images: Sequence[np.ndarray], correct: Sequence[bool]) -> np.ndarray:
+    """uint8 [H, W, 3]: the query caption over its top-K images, green frame = its own image."""
+    from PIL import Image, ImageDraw
+
+    border = 4
+    tile = _THUMBNAIL + 2 * border
+    lines = textwrap.wrap(query, width=max(20, tile * len(images) // _CHARACTER_WIDTH),
+                          max_lines=_CAPTION_LINES, placeholder="...")
+    strip = _LINE_HEIGHT * len(lines) + 8
+    canvas = Image.new("RGB", (tile * len(images), tile + strip), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.multiline_text((4, 4), "\n".join(lines), fill="black", spacing=_LINE_HEIGHT - 11)
+    for position, (image, is_correct) in enumerate(zip(images, correct)):
+        left, top = position * tile, strip
+        draw.rectangle([left, top, left + tile - 1, top + tile - 1],
+                       fill=(30, 170, 60) if is_correct else (200, 40, 40))
+        canvas.paste(Image.fromarray(image).resize((_THUMBNAIL, _THUMBNAIL)),
+                     (left + border, top + border))
+    return np.asarray(canvas)
+
+
+def format_results_table(results: dict) -> str:
+    """The R@K table of {split name: retrieval_metrics dict}, one row per split."""
+    header = f"{'split':<12}" + "".join(f"{column:>9}" for column in RECALL_COLUMNS)
+    rows = [header, "-" * len(header)]
+    for split, metrics in results.items():
+        rows.append(f"{split:<12}" + "".join(f"{metrics[column]:>9.2f}" for column in RECALL_COLUMNS))
+    return "\n".join(rows)
+
+
+class Trainer:
+    """Builds the model once and runs the requested stages, then the final evaluation."""
+
+    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy | None = None):
+        self.config = config
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = is_chief(self.strategy)
+        self.manifest = input_pipeline.load_manifest(config.shard_dir)
+        self.steps_per_epoch = input_pipeline.steps_per_epoch(self.manifest, config.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{config.shard_dir}: fewer training images than one batch of "
+                             f"{config.batch_size}")
+        if config.batch_size % self.strategy.num_replicas_in_sync:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                             f"{self.strategy.num_replicas_in_sync} replicas")
+        self.has_validation = self._has_split(config.validation_split)
+        init_path = text.word2vec_init_path(config.shard_dir)
+        embedding_init = np.load(init_path) if tf.io.gfile.exists(init_path) else None
+        with self.strategy.scope():
+            self.model: DualPath = build_dual_path(config.model, embedding_init)
+        self.embedder = embeddings.SplitEmbedder(
+            self.model.image_encoder, self.model.text_encoder, image_size=config.model.image_size,
+            max_length=config.model.max_length, flip_images=config.eval_flip_images,
+            shift_texts=config.eval_shift_texts, strategy=self.strategy)
+        self._last_validation = (None, None, None)
+
+    def _has_split(self, split: str) -> bool:
+        try:
+            return input_pipeline.split_count(self.manifest, split) > 0
+        except KeyError:
+            return False
+
+    def _write_dir(self, path: str) -> str:
+        """Where this worker writes `path`: itself on the chief, a scratch copy elsewhere."""
+        if self.chief:
+            return path
+        resolver = self.strategy.cluster_resolver
+        return os.path.join(path, f".worker-{resolver.task_type}-{resolver.task_id}")
+
+    # ---- one stage -------------------------------------------------------------------
+
+    def _lr_multipliers(self, stage: StageConfig) -> dict:
+        multipliers = self.model.lr_multipliers()
+        if stage.train_backbone:
+            for variable in self.model.backbone.trainable_variables:
+                multipliers[variable.path] = stage.backbone_lr_multiplier
+        return multipliers
+
+    def _make_train_step(self, stage: StageConfig, optimizer, step: tf.Variable):
+        config, model = self.config, self.model.training_model
+        weights = stage.loss_weights
+        variables = model.trainable_variables
+
+        def replica_step(batch):
+            with tf.GradientTape() as tape:
+                outputs = model({"image": batch["image"], "token_ids": batch["token_ids"]},
+                                training=True)
+                image_loss = losses.instance_loss(outputs["image_logits"], batch["label"])
+                text_loss = losses.instance_loss(outputs["text_logits"], batch["label"])
+                if weights.rank:
+                    rank_loss = losses.ranking_loss(
+                        outputs["image_embedding"], outputs["text_embedding"], margin=config.margin,
+                        hardest_negative=config.hardest_negative, labels=batch["label"])
+                else:
+                    rank_loss = tf.constant(0.0)
+                total = weights.rank * rank_loss + weights.image * image_loss + weights.text * text_loss
+                scaled = optimizer.scale_loss(total)
+            optimizer.apply(tape.gradient(scaled, variables), variables)
+
+            def accuracy(logits):
+                correct = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), batch["label"])
+                return tf.reduce_sum(tf.cast(correct, tf.float32)) / config.batch_size
+
+            return {"loss": total, "rank_loss": rank_loss, "image_loss": image_loss,
+                    "text_loss": text_loss, "image_accuracy": accuracy(outputs["image_logits"]),
+                    "text_accuracy": accuracy(outputs["text_logits"])}
+
+        @tf.function
+        def train_step(iterator):
+            per_replica = self.strategy.run(replica_step, args=(next(iterator),))
+            step.assign_add(1)
+            return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                    for name, value in per_replica.items()}
+
+        return train_step
+
+    def _train_dataset(self, stage: StageConfig, start_step: int):
+        config = self.config
+        dataset = input_pipeline.train_dataset(
+            config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
+            max_length=config.model.max_length, seed=config.seed + 1_000_003 * stage.stage + start_step,
+            flip=config.flip, position_shift=config.position_shift)
+        return iter(self.strategy.experimental_distribute_dataset(dataset))
+
+    def run_stage(self, stage: StageConfig) -> dict:
+        """Trains one stage to its end (or resumes it); returns its done marker."""
+        config = self.config
+        directory = stage_dir(config.model_dir, stage.stage)
+        done = read_done_marker(config.model_dir, stage.stage)
+        if done is not None:
+            logging.info("stage %d already finished (%s): not trained again",
+                         stage.stage, done["final_checkpoint"])
+            return done
+
+        self.model.backbone.trainable = stage.train_backbone
+        model = self.model.training_model
+        total_steps = stage.epochs * self.steps_per_epoch
+        schedule = optimization.schedule_from_flags(
+            stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, self.steps_per_epoch)
+        with self.strategy.scope():
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            stage_number = tf.Variable(stage.stage, dtype=tf.int64, trainable=False, name="stage")
+            best_rsum = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_rsum")
+            optimizer = optimization.build_optimizer(
+                lambda: schedule(step), momentum=config.momentum, weight_decay=config.weight_decay,
+                lr_multipliers=self._lr_multipliers(stage),
+                loss_scaling=config.mixed_precision and not self._on_tpu)
+            optimizer.build(model.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch,
+                                         stage=stage_number, best_rsum=best_rsum)
+        manager = tf.train.CheckpointManager(
+            checkpoint, self._write_dir(directory), max_to_keep=config.keep_checkpoints,
+            step_counter=step, checkpoint_name="ckpt")
+        best_manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(model=model, step=step, epoch=epoch, stage=stage_number,
+                                best_rsum=best_rsum),
+            self._write_dir(os.path.join(directory, BEST_DIR)), max_to_keep=1,
+            step_counter=step, checkpoint_name="ckpt")
+
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            if int(stage_number) != stage.stage:
+                raise ValueError(f"{manager.latest_checkpoint} holds stage {int(stage_number)}, "
+                                 f"not stage {stage.stage}")
+            if best_manager.latest_checkpoint:
+                # The best checkpoint may be newer than the last full one (killed in between).
+                best_rsum.assign(max(float(best_rsum), float(tf.train.load_variable(
+                    best_manager.latest_checkpoint, "best_rsum/.ATTRIBUTES/VARIABLE_VALUE"))))
+            logging.info("stage %d: resumed from %s at step %d (epoch %d), lr %g",
+                         stage.stage, manager.latest_checkpoint, int(step), int(epoch),
+                         schedule.value_at(int(step)))
+        elif stage.stage == 2:
+            self._load_stage1_final()
+
+        writers = self._summary_writers(stage.stage)
+        start_step = int(step)
+        if start_step < total_steps:
+            self._train_loop(stage, schedule, step, epoch, best_rsum, optimizer, manager,
+                             best_manager, writers)
+        if manager.latest_checkpoint is None or _checkpoint_number(manager.latest_checkpoint) != int(step):
+            manager.save(checkpoint_number=int(step))
+        if self.has_validation:
+            self._write_projector(stage.stage, int(step))
+        done = {"final_checkpoint": os.path.basename(manager.latest_checkpoint),
+                "step": int(step), "epoch": int(epoch), "best_rsum": float(best_rsum),
+                "best_checkpoint": (os.path.relpath(best_manager.latest_checkpoint, directory)
+                                    if best_manager.latest_checkpoint else None)}
+        if self.chief:
+            write_json_atomically(os.path.join(directory, DONE_MARKER), done)
+        logging.info("stage %d finished at step %d (epoch %d)", stage.stage, int(step), int(epoch))
+        return done
+
+    @property
+    def _on_tpu(self) -> bool:
+        return isinstance(self.strategy, tf.distribute.TPUStrategy)
+
+    def _load_stage1_final(self) -> None:
+        done = read_done_marker(self.config.model_dir, 1)
+        if done is None:
+            raise FileNotFoundError(
+                f"stage II starts from stage I's final checkpoint, but "
+                f"{os.path.join(stage_dir(self.config.model_dir, 1), DONE_MARKER)} does not exist: "
+                f"train stage I first (--stage=1 or --stage=both)")
+        path = _final_checkpoint(self.config.model_dir, 1, done)
+        tf.train.Checkpoint(model=self.model.training_model).read(path).expect_partial() \
+            .assert_existing_objects_matched()
+        logging.info("stage 2: starts from stage I's final checkpoint %s", path)
+
+    def _summary_writers(self, stage: int) -> dict:
+        logs = os.path.join(self.config.model_dir, "logs", f"stage{stage}")
+        if not self.chief:
+            return {"train": tf.summary.create_noop_writer(),
+                    "validation": tf.summary.create_noop_writer()}
+        return {name: tf.summary.create_file_writer(os.path.join(logs, name))
+                for name in ("train", "validation")}
+
+    def _train_loop(self, stage, schedule, step, epoch, best_rsum, optimizer, manager,
+                    best_manager, writers) -> None:
+        config = self.config
+        total_steps = stage.epochs * self.steps_per_epoch
+        train_step = self._make_train_step(stage, optimizer, step)
+        iterator = self._train_dataset(stage, int(step))
+        sums, interval_steps, interval_start = {}, 0, time.monotonic()
+        while int(step) < total_steps:
+            metrics = {name: float(value) for name, value in train_step(iterator).items()}
+            current = int(step)
+            bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+            if bad:
+                raise NonFiniteLossError(
+                    f"stage {stage.stage} step {current}: "
+                    + ", ".join(f"{name} = {metrics[name]}" for name in bad)
+                    + f" (lr {schedule.value_at(current - 1):g}). Stopped without saving; the last "
+                    f"good checkpoint is {manager.latest_checkpoint or 'none (no checkpoint yet)'}")
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            interval_steps += 1
+
+            epoch_end = current % self.steps_per_epoch == 0
+            if current % config.log_every_steps == 0 or epoch_end or current == total_steps:
+                elapsed = max(time.monotonic() - interval_start, 1e-9)
+                self._log_progress(stage, current, total_steps, schedule.value_at(current - 1),
+                                   {name: value / interval_steps for name, value in sums.items()},
+                                   interval_steps / elapsed, writers["train"])
+                sums, interval_steps = {}, 0
+            if epoch_end:
+                epoch.assign(current // self.steps_per_epoch)
+                finished = int(epoch)
+                if self.has_validation and (finished % config.validate_every_epochs == 0
+                                            or current == total_steps):
+                    rsum = self._validate(stage.stage, current, writers["validation"])
+                    if rsum > float(best_rsum):
+                        best_rsum.assign(rsum)
+                        best_manager.save(checkpoint_number=current)
+                        logging.info("stage %d epoch %d: new best validation rsum %.2f",
+                                     stage.stage, finished, rsum)
+                manager.save(checkpoint_number=current)
+            elif config.checkpoint_every_steps and current % config.checkpoint_every_steps == 0:
+                manager.save(checkpoint_number=current)
+            if interval_steps == 0:
+                interval_start = time.monotonic()
+        for writer in writers.values():
+            writer.flush()
+
+    def _log_progress(self, stage, current, total_steps, lr, means, steps_per_second, writer):
+        config = self.config
+        examples_per_second = steps_per_second * config.batch_size
+        epoch_progress = current / self.steps_per_epoch
+        logging.info(
+            "stage %d | epoch %.2f/%d | step %d/%d | loss %.4f (rank %.4f image %.4f text %.4f) | "
+            "accuracy image %.3f text %.3f | lr %.3g | %.1f examples/s",
+            stage.stage, epoch_progress, stage.epochs, current, total_steps, means["loss"],
+            means["rank_loss"], means["image_loss"], means["text_loss"], means["image_accuracy"],
+            means["text_accuracy"], lr, examples_per_second)
+        with writer.as_default(step=current):
+            for name, value in means.items():
+                tf.summary.scalar(f"loss/{name}" if name.endswith("loss") else f"accuracy/{name}",
+                                  value)
+            tf.summary.scalar("optimizer/learning_rate", lr)
+            tf.summary.scalar("speed/steps_per_second", steps_per_second)
+            tf.summary.scalar("speed/examples_per_second", examples_per_second)
+
+    # ---- evaluation ------------------------------------------------------------------
+
+    def split_embeddings(self, split: str) -> embeddings.SplitEmbeddings:
+        return self.embedder(self.config.shard_dir, split)
+
+    def evaluate(self, split: str) -> tuple[dict, embeddings.SplitEmbeddings, np.ndarray]:
+        """(retrieval_metrics, the embeddings, similarity [N, M]) of a split."""
+        split_embeddings = self.split_embeddings(split)
+        similarity = split_embeddings.image @ split_embeddings.text.T
+        metrics = evaluation.retrieval_metrics(similarity, split_embeddings.image_of_text,
+                                               folds=self.config.eval_folds)
+        return metrics, split_embeddings, similarity
+
+    def _validate(self, stage: int, current: int, writer) -> float:
+        split = self.config.validation_split
+        metrics, split_embeddings, similarity = self.evaluate(split)
+        self._last_validation = (stage, current, split_embeddings)
+        logging.info("stage %d step %d | %s | %s", stage, current, split,
+                     " ".join(f"{name} {metrics[name]:.2f}" for name in RECALL_COLUMNS))
+        with writer.as_default(step=current):
+            for name, value in metrics.items():
+                tf.summary.scalar(f"retrieval/{name}", value)
+            if self.chief:
+                self._retrieval_example_summary(split, split_embeddings, similarity)
+        writer.flush()
+        return metrics["rsum"]
+
+    def _retrieval_example_summary(self, split, split_embeddings, similarity) -> None:
+        """Caption 0 of the split as a query and its top-K images, as an image summary."""
+        query = 0
+        top = np.argsort(-similarity[:, query], kind="stable")[:RETRIEVAL_EXAMPLE_TOP_K]
+        truth = int(split_embeddings.image_of_text[query])
+        caption = _read_caption_texts(self.config.shard_dir, split)[query]
+        images = _read_images(self.config.shard_dir, split, top, _THUMBNAIL)
+        grid = retrieval_example_image(caption, [images[int(index)] for index in top],
+                                       [int(index) == truth for index in top])
+        tf.summary.image("retrieval_example/text_to_top5_images", grid[np.newaxis])
+        tf.summary.text("retrieval_example/query",
+                        f"{caption} (its image: {truth}; top {len(top)}: {top.tolist()})")
+
+    def _write_projector(self, stage: int, step: int) -> None:
+        """The validation embeddings (images and their captions) for TensorBoard's projector."""
+        if not self.chief:
+            return
+        from tensorboard.plugins import projector
+
+        split = self.config.validation_split
+        cached_stage, cached_step, split_embeddings = self._last_validation
+        if (cached_stage, cached_step) != (stage, step):
+            split_embeddings = self.split_embeddings(split)
+        num_images = min(self.config.projector_images, len(split_embeddings.image))
+        captions = np.flatnonzero(split_embeddings.image_of_text < num_images)
+        texts = _read_caption_texts(self.config.shard_dir, split)
+        log_dir = os.path.join(self.config.model_dir, "logs", f"stage{stage}", "projector")
+        tf.io.gfile.makedirs(log_dir)
+        with tf.io.gfile.GFile(os.path.join(log_dir, "metadata.tsv"), "w") as metadata:
+            metadata.write("kind\timage\ttext\n")
+            for index in range(num_images):
+                metadata.write(f"image\t{index}\t\n")
+            for caption_id in captions:
+                clean = " ".join(texts[caption_id].split())
+                metadata.write(f"caption\t{split_embeddings.image_of_text[caption_id]}\t{clean}\n")
+        vectors = np.concatenate([split_embeddings.image[:num_images], split_embeddings.text[captions]])
+        tf.train.Checkpoint(embedding=tf.Variable(vectors)).write(os.path.join(log_dir, "embedding.ckpt"))
+        projector_config = projector.ProjectorConfig()
+        projector_config.model_checkpoint_path = "embedding.ckpt"
+        embedding = projector_config.embeddings.add()
+        embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+        embedding.metadata_path = "metadata.tsv"
+        projector.visualize_embeddings(log_dir, projector_config)
+
+    # ---- the whole run ---------------------------------------------------------------
+
+    def final_results(self, stage: int, done: dict) -> dict:
+        """Metrics of the stage's best-by-validation checkpoint (its final one without a
+        validation split) on the validation split and, when asked and present, the test split."""
+        config = self.config
+        directory = stage_dir(config.model_dir, stage)
+        chosen = (os.path.join(directory, done["best_checkpoint"]) if done.get("best_checkpoint")
+                  else _final_checkpoint(config.model_dir, stage, done))
+        tf.train.Checkpoint(model=self.model.training_model).read(chosen).expect_partial() \
+            .assert_existing_objects_matched()
+        results = {"checkpoint": chosen, "stage": stage, "metrics": {}}
+        splits = [config.validation_split] if self.has_validation else []
+        if config.evaluate_test and self._has_split(config.test_split):
+            splits.append(config.test_split)
+        elif config.evaluate_test:
+            logging.warning("no %r split in %s: test results skipped", config.test_split,
+                            config.shard_dir)
+        for split in splits:
+            results["metrics"][split] = self.evaluate(split)[0]
+        return results
+
+    def train(self) -> dict:
+        """Runs the configured stages, then writes and prints the final results."""
+        done = None
+        for stage in self.config.stages:
+            done = self.run_stage(stage)
+        last_stage = self.config.stages[-1].stage
+        results = self.final_results(last_stage, done)
+        if results["metrics"]:
+            logging.info("final retrieval results of stage %d, %s:", last_stage,
+                         results["checkpoint"])
+            print(format_results_table(results["metrics"]), flush=True)
+        if self.chief:
+            write_json_atomically(os.path.join(self.config.model_dir, RESULTS_NAME), results)
+        return results
+
+
+def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Trains config's stages under `strategy` (default: the current one); returns the results.
+
+    With config.mixed_precision the global Keras dtype policy is mixed_float16
+    (mixed_bfloat16 on TPU) while the model is built and trained, and restored afterwards.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    previous_policy = keras.mixed_precision.global_policy()
+    if config.mixed_precision:
+        on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if on_tpu else "mixed_float16")
+    try:
+        return Trainer(config, strategy).train()
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
