@@ -116,8 +116,10 @@ def read_captions(shard_dir: str, split: str) -> Captions:
                 labels.append(batch[shard_format.IMAGE_LABEL].numpy())
         except tf.errors.OpError as error:
             raise ValueError(f"{path}: unreadable caption shard: {error.message}") from error
-    caption_ids = np.concatenate(caption_ids)
     where = f"{shard_dir} ({split} captions)"
+    if not caption_ids:
+        raise ValueError(f"{where}: the caption shards hold no captions")
+    caption_ids = np.concatenate(caption_ids)
     order = np.argsort(caption_ids, kind="stable")
     if not np.array_equal(caption_ids[order], np.arange(len(caption_ids))):
         raise ValueError(f"{where}: caption ids are not 0..{len(caption_ids) - 1}, each once")
