@@ -22,8 +22,11 @@ PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 RESERVED_TOKENS = (PAD_TOKEN, UNK_TOKEN)
 
+# Every character Python calls whitespace, written out literally because RE2's \s (used by
+# tf_tokenize) matches only ASCII spaces while Python's matches Unicode ones too.
+_WHITESPACE = "".join(chr(code) for code in range(0x3001) if chr(code).isspace())
 # Whitespace and ASCII punctuation except the apostrophe (kept inside words: "woman's").
-SEPARATOR_PATTERN = r"[\s!\"#$%&()*+,\-./:;<=>?@\[\\\]^_`{|}~]+"
+SEPARATOR_PATTERN = "[" + _WHITESPACE + r"!\"#$%&()*+,\-./:;<=>?@\[\\\]^_`{|}~]+"
 _SEPARATOR_RE = re.compile(SEPARATOR_PATTERN)
 
 OOV_MODES = ("drop", "unk")
@@ -75,12 +78,15 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
-        words, counts = [], []
+        words, counts, seen = [], [], set()
         with tf.io.gfile.GFile(path, "r") as vocab_file:
             for line_number, line in enumerate(vocab_file, start=1):
                 parts = line.rstrip("\n").split(" ")
-                if len(parts) != 2 or not parts[1].isdigit():
+                if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
                     raise ValueError(f"{path}:{line_number}: expected 'word count', got {line!r}")
+                if parts[0] in RESERVED_TOKENS or parts[0] in seen:
+                    raise ValueError(f"{path}:{line_number}: word {parts[0]!r} is reserved or repeated")
+                seen.add(parts[0])
                 words.append(parts[0])
                 counts.append(int(parts[1]))
         return cls(words, counts)

@@ -86,10 +86,6 @@ def test_tf_tokenize_gives_a_ragged_string_tensor_of_one_row_per_caption():
     assert tokens.row_lengths().numpy().tolist() == [2, 0, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in dual_path/text.py: Python's \\s matches Unicode spaces, RE2's \\s only ASCII ones",
-)
 @pytest.mark.parametrize("space", UNICODE_SPACES, ids=[f"U+{ord(c):04X}" for c in UNICODE_SPACES])
 def test_tf_tokenize_agrees_with_tokenize_on_unicode_spaces(space):
     caption = f"a{space}dog runs"
@@ -190,10 +186,6 @@ def test_load_of_a_malformed_file_names_the_file_and_line(tmp_path, content, bad
         Vocabulary.load(str(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in dual_path/text.py: str.isdigit() accepts '²', then int() fails without the file name",
-)
 def test_load_of_a_superscript_count_names_the_file_and_line(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("a 3\ndog ²\n", encoding="utf-8")
@@ -220,3 +212,11 @@ def test_encode_drops_or_maps_unknown_words_then_truncates(vocabulary):
 def test_encode_refuses_an_unknown_oov_mode(vocabulary):
     with pytest.raises(ValueError, match="oov must be one of"):
         vocabulary.encode(["dog"], max_length=4, oov="skip")
+
+
+@pytest.mark.parametrize("word", ["dog", "<pad>", "<unk>"])
+def test_load_rejects_repeated_or_reserved_words(tmp_path, word):
+    path = tmp_path / "vocab.txt"
+    path.write_text(f"dog 3\n{word} 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab\.txt:2: .*reserved or repeated"):
+        text.Vocabulary.load(str(path))
