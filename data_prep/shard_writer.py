@@ -6,7 +6,7 @@ The format is `dual_path.shard_format`'s. Two phases, both run by a WorkerPool:
    and keeps, per image, (height, width, conversion) or the reason it failed. The
    results are saved atomically in `<shard_dir>/build-cache/<split>-image-check.json`
    (with the re-encoded JPEGs of converted images next to it), so a rerun over the
-   same image paths does not decode again.
+   same, unchanged image files (path, size, mtime) does not decode again.
 2. `write_shards` writes the shards the caller planned from those results
    (`plan_image_shards`, `plan_caption_shards`: contiguous blocks of index, so
    reading shards in name order reads the records in index order). Each shard is
@@ -134,12 +134,24 @@ def converted_path(shard_dir: str, split: str, position: int) -> str:
     return os.path.join(cache_dir(shard_dir), f"{split}-converted", f"{position:08d}.jpg")
 
 
-def _cached_checks(cache_path: str, paths_digest: str, shard_dir: str, split: str):
-    """The cached checks when they are of the same image paths and complete, else None."""
+def _files_digest(records: Sequence[ImageRecord]) -> str:
+    """sha256 over the image files' paths, sizes and modification times."""
+    lines = []
+    for record in records:
+        try:
+            stat = tf.io.gfile.stat(record.path)
+            lines.append(f"{record.path}\t{stat.length}\t{stat.mtime_nsec}")
+        except tf.errors.NotFoundError:
+            lines.append(f"{record.path}\tmissing")
+    return _sha256_hex("\n".join(lines))
+
+
+def _cached_checks(cache_path: str, files_digest: str, shard_dir: str, split: str):
+    """The cached checks when they are of the same, unchanged files and complete, else None."""
     if not tf.io.gfile.exists(cache_path):
         return None
     cached = _read_json(cache_path)
-    if cached.get("paths_sha256") != paths_digest:
+    if cached.get("files_sha256") != files_digest:
         return None
     checks = [ImageCheck(**result) for result in cached["results"]]
     for position, check in enumerate(checks):
@@ -155,8 +167,8 @@ def check_split_images(
     if not records:
         return []
     cache_path = _check_cache_path(shard_dir, split)
-    paths_digest = _sha256_hex("\n".join(record.path for record in records))
-    checks = _cached_checks(cache_path, paths_digest, shard_dir, split)
+    files_digest = _files_digest(records)
+    checks = _cached_checks(cache_path, files_digest, shard_dir, split)
     if checks is not None:
         return checks
     tf.io.gfile.makedirs(cache_dir(shard_dir))
@@ -166,7 +178,7 @@ def check_split_images(
     ]
     chunksize = max(1, min(MAX_CHECK_CHUNK, len(work) // (4 * pool.num_workers)))
     checks = list(pool.map(_check_one, work, chunksize=chunksize))
-    contents = {"paths_sha256": paths_digest, "results": [dataclasses.asdict(c) for c in checks]}
+    contents = {"files_sha256": files_digest, "results": [dataclasses.asdict(c) for c in checks]}
     write_atomically(cache_path, json.dumps(contents).encode("utf-8"))
     return checks
 
