@@ -86,7 +86,7 @@ def image_example(
         IMAGE_LABEL: _ints([label]),
         IMAGE_INDEX: _ints([index]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def caption_example(token_ids, text: str, caption_id: int, image_index: int, label: int) -> bytes:
@@ -98,7 +98,7 @@ def caption_example(token_ids, text: str, caption_id: int, image_index: int, lab
         IMAGE_INDEX: _ints([image_index]),
         IMAGE_LABEL: _ints([label]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 IMAGE_FEATURES = {

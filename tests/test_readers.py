@@ -629,3 +629,5 @@ def test_read_source_checks_format_and_arguments(tmp_path):
         read_source("karpathy", captions=str(json_path), split_files="train=x.txt")
     with pytest.raises(ValueError, match=r"restval_split must be one of"):
         read_source("karpathy", captions=str(json_path), restval_split="restval")
+    with pytest.raises(ValueError, match=r"'flickr_tokens' needs \['split_files'\]"):
+        read_source("flickr_tokens", captions=str(json_path))

@@ -96,12 +96,20 @@ def read_source(format_name: str, **kwargs: Any) -> SourceDataset:
     module_name, fixed_kwargs = FORMATS[format_name]
     read = importlib.import_module(f"{__name__}.{module_name}").read
     given = {key: value for key, value in kwargs.items() if value is not None and value != ""}
-    accepted = set(inspect.signature(read).parameters) - set(fixed_kwargs)
+    parameters = inspect.signature(read).parameters
+    accepted = set(parameters) - set(fixed_kwargs)
     unexpected = sorted(set(given) - accepted)
     if unexpected:
         raise ValueError(
             f"source format {format_name!r} does not take {unexpected}; it takes {sorted(accepted)}"
         )
+    missing = sorted(
+        name
+        for name, parameter in parameters.items()
+        if parameter.default is inspect.Parameter.empty and name not in given and name not in fixed_kwargs
+    )
+    if missing:
+        raise ValueError(f"source format {format_name!r} needs {missing}")
     return read(**given, **fixed_kwargs)
 
 
