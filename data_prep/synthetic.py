@@ -381,8 +381,8 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarra
     Greyish background with a random tint and gradient; objects jittered inside their
     cell, antialiased by 2x2 supersampling, colours jittered; per-pixel noise on top.
     """
-    grey = rng.uniform(80, 150) + rng.uniform(-12, 12, size=3)
-    axis = np.linspace(-1.0, 1.0, image_size)
+    grey = (rng.uniform(80, 150) + rng.uniform(-12, 12, size=3)).astype(np.float32)
+    axis = np.linspace(-1.0, 1.0, image_size, dtype=np.float32)
     slope_y, slope_x = rng.uniform(-12, 12, size=2)
     image = grey + (slope_y * axis[:, None] + slope_x * axis[None, :])[..., None]
 
@@ -396,13 +396,13 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarra
         span = int(np.ceil(cell))
         top = min(int(obj.row * cell), image_size - span)
         left = min(int(obj.column * cell), image_size - span)
-        samples = (np.arange(2 * span) + 0.5) / 2
+        samples = (np.arange(2 * span, dtype=np.float32) + 0.5) / 2
         inside = _coverage(obj, centre_y - top, centre_x - left, half, samples[:, None], samples[None, :])
-        alpha = inside.reshape(span, 2, span, 2).mean(axis=(1, 3))[..., None]
-        colour = np.asarray(COLOURS[obj.colour], np.float64) + rng.uniform(-12, 12, size=3)
+        alpha = inside.reshape(span, 2, span, 2).sum(axis=(1, 3), dtype=np.float32)[..., None] / 4
+        colour = (np.asarray(COLOURS[obj.colour]) + rng.uniform(-12, 12, size=3)).astype(np.float32)
         window = image[top:top + span, left:left + span]
-        window[...] = window * (1 - alpha) + colour * alpha
-    image += rng.normal(0.0, 8.0, size=image.shape)
+        window += alpha * (colour - window)
+    image += 8 * rng.standard_normal(size=image.shape, dtype=np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -412,10 +412,11 @@ def _encode_jpeg(pixels: np.ndarray) -> bytes:
 
 
 def _write_atomically(path: str, data: bytes) -> None:
+    """Writes a temporary file and renames it: readers never see a partial file."""
     tmp_path = path + ".tmp"
-    with tf.io.gfile.GFile(tmp_path, "wb") as out:
+    with open(tmp_path, "wb") as out:
         out.write(data)
-    tf.io.gfile.rename(tmp_path, path, overwrite=True)
+    os.replace(tmp_path, path)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -453,9 +454,9 @@ def generate(output_dir: str, num_train: int = 8000, num_val: int = 1000, num_te
 
     json_path = os.path.join(output_dir, JSON_NAME)
     image_dir = os.path.join(output_dir, IMAGE_DIR)
-    if tf.io.gfile.exists(json_path):
-        tf.io.gfile.remove(json_path)
-    tf.io.gfile.makedirs(image_dir)
+    if os.path.exists(json_path):
+        os.remove(json_path)
+    os.makedirs(image_dir, exist_ok=True)
 
     digits = max(6, len(str(sum(sizes.values()) - 1)))
     entries, imgid = [], 0
