@@ -33,6 +33,7 @@ setuptools.setup(
         "console_scripts": [
             "dual-path-generate-synthetic=data_prep.generate_synthetic:run",
             "dual-path-build-shards=data_prep.build_shards:run",
+            "dual-path-demo=experiments.demo:run",
             "dual-path-train=experiments.train:run",
         ],
     },

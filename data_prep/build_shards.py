@@ -321,25 +321,30 @@ def summary(manifest: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("source_format", None, sorted(readers.FORMATS), "Format the dataset ships in.")
-flags.DEFINE_string("captions", None, "Caption file(s) (see data_prep/readers/__init__.py).")
-flags.DEFINE_string("image_root", None, "Image folder(s); default: the caption file's folder.")
-flags.DEFINE_string("split_files", None, "Split lists: 'train=PATH,dev=PATH' (flickr_tokens) or PATH (coco).")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir (tfds_coco).")
-flags.DEFINE_string("dataset_name", None, "Name recorded in the manifest; default: the reader's.")
-flags.DEFINE_string("shard_dir", None, "Output folder.")
-flags.DEFINE_list("splits", list(shard_format.SPLITS), "Splits to build; train is required.")
-flags.DEFINE_integer("num_image_shards", 16, "Image shards per split.", lower_bound=1)
-flags.DEFINE_integer("num_caption_shards", 4, "Caption shards per split.", lower_bound=1)
-flags.DEFINE_integer("num_workers", None, "Worker processes; default: one per CPU.", lower_bound=1)
-flags.DEFINE_integer("min_word_count", 1, "Train-caption count a word needs to be in the vocabulary.", lower_bound=1)
-flags.DEFINE_enum("oov", "drop", list(text.OOV_MODES), "Words outside the vocabulary: drop or map to <unk>.")
-flags.DEFINE_integer("max_length", None, "Tokens kept per caption; default: the dataset's.", lower_bound=1)
-flags.DEFINE_string("word2vec", WORD2VEC_TRAIN, "'train' (on the train captions) or a word2vec file (.bin or text).")
-flags.DEFINE_integer("embedding_dim", DEFAULT_EMBEDDING_DIM, "Word vector size.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of word2vec training and the init matrix's random rows.")
-flags.DEFINE_boolean("strict", False, "Stop at the first skippable problem instead of skipping it.")
-flags.mark_flags_as_required(["source_format", "shard_dir"])
+
+
+def define_flags() -> None:
+    """Defines the command's flags; called by run() only, so that importing this module
+    (for build_shards()) defines no flags that other commands' flags would collide with."""
+    flags.DEFINE_enum("source_format", None, sorted(readers.FORMATS), "Format the dataset ships in.")
+    flags.DEFINE_string("captions", None, "Caption file(s) (see data_prep/readers/__init__.py).")
+    flags.DEFINE_string("image_root", None, "Image folder(s); default: the caption file's folder.")
+    flags.DEFINE_string("split_files", None, "Split lists: 'train=PATH,dev=PATH' (flickr_tokens) or PATH (coco).")
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir (tfds_coco).")
+    flags.DEFINE_string("dataset_name", None, "Name recorded in the manifest; default: the reader's.")
+    flags.DEFINE_string("shard_dir", None, "Output folder.")
+    flags.DEFINE_list("splits", list(shard_format.SPLITS), "Splits to build; train is required.")
+    flags.DEFINE_integer("num_image_shards", 16, "Image shards per split.", lower_bound=1)
+    flags.DEFINE_integer("num_caption_shards", 4, "Caption shards per split.", lower_bound=1)
+    flags.DEFINE_integer("num_workers", None, "Worker processes; default: one per CPU.", lower_bound=1)
+    flags.DEFINE_integer("min_word_count", 1, "Train-caption count a word needs to be in the vocabulary.", lower_bound=1)
+    flags.DEFINE_enum("oov", "drop", list(text.OOV_MODES), "Words outside the vocabulary: drop or map to <unk>.")
+    flags.DEFINE_integer("max_length", None, "Tokens kept per caption; default: the dataset's.", lower_bound=1)
+    flags.DEFINE_string("word2vec", WORD2VEC_TRAIN, "'train' (on the train captions) or a word2vec file (.bin or text).")
+    flags.DEFINE_integer("embedding_dim", DEFAULT_EMBEDDING_DIM, "Word vector size.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed of word2vec training and the init matrix's random rows.")
+    flags.DEFINE_boolean("strict", False, "Stop at the first skippable problem instead of skipping it.")
+    flags.mark_flags_as_required(["source_format", "shard_dir"])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -381,6 +386,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
+    define_flags()
     app.run(main)
 
 

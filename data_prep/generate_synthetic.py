@@ -11,12 +11,17 @@ from absl import app, flags, logging
 
 from data_prep import synthetic
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where images/ and the dataset JSON go.", required=True)
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 8000, "Training images.")
-_NUM_VAL = flags.DEFINE_integer("num_val", 1000, "Validation images (unique descriptions).")
-_NUM_TEST = flags.DEFINE_integer("num_test", 1000, "Test images (unique descriptions).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image height and width in pixels.")
-_SEED = flags.DEFINE_integer("seed", 0, "Same seed, same bytes.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines the command's flags; called by run() only (see data_prep/build_shards.py)."""
+    flags.DEFINE_string("output_dir", None, "Where images/ and the dataset JSON go.", required=True)
+    flags.DEFINE_integer("num_train", 8000, "Training images.")
+    flags.DEFINE_integer("num_val", 1000, "Validation images (unique descriptions).")
+    flags.DEFINE_integer("num_test", 1000, "Test images (unique descriptions).")
+    flags.DEFINE_integer("image_size", 64, "Image height and width in pixels.")
+    flags.DEFINE_integer("seed", 0, "Same seed, same bytes.")
 
 
 def main(argv):
@@ -24,17 +29,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.monotonic()
     json_path = synthetic.generate(
-        _OUTPUT_DIR.value,
-        num_train=_NUM_TRAIN.value,
-        num_val=_NUM_VAL.value,
-        num_test=_NUM_TEST.value,
-        image_size=_IMAGE_SIZE.value,
-        seed=_SEED.value,
+        FLAGS.output_dir,
+        num_train=FLAGS.num_train,
+        num_val=FLAGS.num_val,
+        num_test=FLAGS.num_test,
+        image_size=FLAGS.image_size,
+        seed=FLAGS.seed,
     )
     logging.info("wrote %s in %.1f s", json_path, time.monotonic() - start)
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

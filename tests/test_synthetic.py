@@ -2,13 +2,15 @@
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl.testing import flagsaver
 
-from data_prep import generate_synthetic, records, synthetic
+
+from data_prep import records, synthetic
 from dual_path import text
 
 SMALL = dict(num_train=30, num_val=10, num_test=12, image_size=32)
@@ -180,16 +182,11 @@ def test_bad_arguments_are_refused(tmp_path, arguments):
 
 
 def test_command_line_writes_the_dataset(tmp_path):
-    command_line = flagsaver.as_parsed(
-        (generate_synthetic._OUTPUT_DIR, str(tmp_path)),
-        (generate_synthetic._NUM_TRAIN, "4"),
-        (generate_synthetic._NUM_VAL, "2"),
-        (generate_synthetic._NUM_TEST, "2"),
-        (generate_synthetic._IMAGE_SIZE, "32"),
-        (generate_synthetic._SEED, "5"),
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.generate_synthetic", f"--output_dir={tmp_path}",
+         "--num_train=4", "--num_val=2", "--num_test=2", "--image_size=32", "--seed=5"],
+        check=True, capture_output=True,
     )
-    with command_line:
-        generate_synthetic.main(["dual-path-generate-synthetic"])
     with open(tmp_path / synthetic.JSON_NAME) as handle:
         assert len(json.load(handle)["images"]) == 8
     assert len(os.listdir(tmp_path / "images")) == 8
