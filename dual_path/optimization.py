@@ -15,7 +15,7 @@ effect at once, as in MatConvNet (Keras' SGD keeps lr inside its velocity instea
 The learning rate is piecewise constant in the trainer's global step.
 """
 import bisect
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -72,8 +72,9 @@ class MatConvNetSGD(keras.optimizers.Optimizer):
     """SGD with (Nesterov) momentum, L2 weight decay in the gradient, per-variable lr multipliers.
 
     Args:
-      learning_rate: a float, a LearningRateSchedule of the optimizer's iterations, or a
-        zero-argument callable (the trainer passes `lambda: schedule(global_step)`).
+      learning_rate: a float (held in a variable that the trainer sets from its schedule
+        before each step), a LearningRateSchedule of the optimizer's iterations, or a
+        zero-argument callable.
       momentum: the velocity's decay (0.9 in the original).
       weight_decay: the L2 coefficient added to the gradient (1e-4 in the original);
         applied to every trained variable, scaled by its multiplier as in MatConvNet.
@@ -128,14 +129,15 @@ class MatConvNetSGD(keras.optimizers.Optimizer):
         return config
 
 
-def build_optimizer(learning_rate: Callable[[], tf.Tensor], *, momentum: float,
-                    weight_decay: float, lr_multipliers: Mapping[str, float],
+def build_optimizer(learning_rate: float, *, momentum: float, weight_decay: float,
+                    lr_multipliers: Mapping[str, float],
                     loss_scaling: bool) -> keras.optimizers.Optimizer:
     """MatConvNetSGD, wrapped in a dynamic LossScaleOptimizer for float16 training.
 
-    Build it under the strategy's scope. With loss_scaling, scale the loss with
-    `optimizer.scale_loss` before taking gradients; `apply` unscales them and skips
-    the steps whose gradients are not finite.
+    Build it under the strategy's scope. `optimizer.learning_rate` is a variable: assign
+    the schedule's value to it before each step (outside `strategy.run`). With
+    loss_scaling, scale the loss with `optimizer.scale_loss` before taking gradients;
+    `apply` unscales them and skips the steps whose gradients are not finite.
     """
     optimizer = MatConvNetSGD(learning_rate, momentum=momentum, weight_decay=weight_decay,
                               lr_multipliers=lr_multipliers)

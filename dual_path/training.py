@@ -29,7 +29,6 @@ the lr schedule), epoch. A non-finite loss stops the run (NonFiniteLossError) be
 anything is saved, so the last checkpoint stays the last good state.
 """
 import dataclasses
-import io
 import json
 import math
 import os
@@ -135,6 +134,8 @@ class TrainConfig:
     eval_folds: int = 1
     evaluate_test: bool = False
     test_split: str = "test"
+    results_checkpoint: str = "best"
+    """"best" (by validation rsum) or "last": the checkpoint of the final results."""
     projector_images: int = 500
     """Validation images (with their captions) in the end-of-stage projector embeddings."""
 
@@ -147,6 +148,9 @@ class TrainConfig:
         for stage in self.stages:
             if stage.epochs < 1:
                 raise ValueError(f"stage {stage.stage}: epochs must be positive, got {stage.epochs}")
+        if self.results_checkpoint not in ("best", "last"):
+            raise ValueError(f"results_checkpoint must be 'best' or 'last', got "
+                             f"{self.results_checkpoint!r}")
         if self.log_every_steps < 1 or self.checkpoint_every_steps < 0:
             raise ValueError("log_every_steps must be >= 1 and checkpoint_every_steps >= 0")
 
@@ -298,6 +302,9 @@ class Trainer:
             max_length=config.model.max_length, flip_images=config.eval_flip_images,
             shift_texts=config.eval_shift_texts, strategy=self.strategy)
         self._last_validation = (None, None, None)
+        weights = self.model.training_model.weights
+        self._weights_are_finite = tf.function(lambda: tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(weight)) for weight in weights]))
 
     def _has_split(self, split: str) -> bool:
         try:
@@ -321,7 +328,7 @@ class Trainer:
                 multipliers[variable.path] = stage.backbone_lr_multiplier
         return multipliers
 
-    def _make_train_step(self, stage: StageConfig, optimizer, step: tf.Variable):
+    def _make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable):
         config, model = self.config, self.model.training_model
         weights = stage.loss_weights
         variables = model.trainable_variables
@@ -340,7 +347,11 @@ class Trainer:
                     rank_loss = tf.constant(0.0)
                 total = weights.rank * rank_loss + weights.image * image_loss + weights.text * text_loss
                 scaled = optimizer.scale_loss(total)
-            optimizer.apply(tape.gradient(scaled, variables), variables)
+            # Dense gradients: the embedding's IndexedSlices become one tensor, so that the
+            # loss-scale check of finiteness sees exactly what the update applies.
+            gradients = [tf.convert_to_tensor(gradient)
+                         for gradient in tape.gradient(scaled, variables)]
+            optimizer.apply(gradients, variables)
 
             def accuracy(logits):
                 correct = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), batch["label"])
@@ -352,6 +363,8 @@ class Trainer:
 
         @tf.function
         def train_step(iterator):
+            # Set in cross-replica context, before the step: the schedule of the global step.
+            optimizer.learning_rate.assign(schedule(step))
             per_replica = self.strategy.run(replica_step, args=(next(iterator),))
             step.assign_add(1)
             return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -388,7 +401,7 @@ class Trainer:
             stage_number = tf.Variable(stage.stage, dtype=tf.int64, trainable=False, name="stage")
             best_rsum = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_rsum")
             optimizer = optimization.build_optimizer(
-                lambda: schedule(step), momentum=config.momentum, weight_decay=config.weight_decay,
+                schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
                 lr_multipliers=self._lr_multipliers(stage),
                 loss_scaling=config.mixed_precision and not self._on_tpu)
             optimizer.build(model.trainable_variables)
@@ -405,36 +418,52 @@ class Trainer:
 
         if manager.latest_checkpoint:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            if int(stage_number) != stage.stage:
-                raise ValueError(f"{manager.latest_checkpoint} holds stage {int(stage_number)}, "
+            if int(stage_number.numpy()) != stage.stage:
+                raise ValueError(f"{manager.latest_checkpoint} holds stage {int(stage_number.numpy())}, "
                                  f"not stage {stage.stage}")
             if best_manager.latest_checkpoint:
                 # The best checkpoint may be newer than the last full one (killed in between).
-                best_rsum.assign(max(float(best_rsum), float(tf.train.load_variable(
+                best_rsum.assign(max(float(best_rsum.numpy()), float(tf.train.load_variable(
                     best_manager.latest_checkpoint, "best_rsum/.ATTRIBUTES/VARIABLE_VALUE"))))
+            resumed_step = int(step.numpy())
             logging.info("stage %d: resumed from %s at step %d (epoch %d), lr %g",
-                         stage.stage, manager.latest_checkpoint, int(step), int(epoch),
-                         schedule.value_at(int(step)))
+                         stage.stage, manager.latest_checkpoint, resumed_step, int(epoch.numpy()),
+                         schedule.value_at(resumed_step))
         elif stage.stage == 2:
             self._load_stage1_final()
 
         writers = self._summary_writers(stage.stage)
-        start_step = int(step)
-        if start_step < total_steps:
+        if int(step.numpy()) < total_steps:
             self._train_loop(stage, schedule, step, epoch, best_rsum, optimizer, manager,
                              best_manager, writers)
-        if manager.latest_checkpoint is None or _checkpoint_number(manager.latest_checkpoint) != int(step):
-            manager.save(checkpoint_number=int(step))
+        final_step, final_epoch = int(step.numpy()), int(epoch.numpy())
+        if (manager.latest_checkpoint is None
+                or _checkpoint_number(manager.latest_checkpoint) != final_step):
+            self._save(manager, final_step, manager.latest_checkpoint)
         if self.has_validation:
-            self._write_projector(stage.stage, int(step))
+            self._write_projector(stage.stage, final_step)
         done = {"final_checkpoint": os.path.basename(manager.latest_checkpoint),
-                "step": int(step), "epoch": int(epoch), "best_rsum": float(best_rsum),
+                "step": final_step, "epoch": final_epoch, "best_rsum": float(best_rsum.numpy()),
                 "best_checkpoint": (os.path.relpath(best_manager.latest_checkpoint, directory)
                                     if best_manager.latest_checkpoint else None)}
         if self.chief:
             write_json_atomically(os.path.join(directory, DONE_MARKER), done)
-        logging.info("stage %d finished at step %d (epoch %d)", stage.stage, int(step), int(epoch))
+        logging.info("stage %d finished at step %d (epoch %d)", stage.stage, final_step, final_epoch)
         return done
+
+    def _save(self, manager: tf.train.CheckpointManager, current: int,
+              last_good: str | None) -> None:
+        """Saves a checkpoint at step `current`, unless a weight is NaN or infinite (a finite
+        loss can still end with an update that overflowed); last_good names the stage's
+        latest full checkpoint for the error."""
+        self._check_finite_weights(current, last_good)
+        manager.save(checkpoint_number=current)
+
+    def _check_finite_weights(self, current: int, last_good: str | None) -> None:
+        if not bool(self._weights_are_finite()):
+            raise NonFiniteLossError(
+                f"a model weight is not finite after step {current}. Stopped without saving; the "
+                f"last good checkpoint is {last_good or 'none (no checkpoint yet)'}")
 
     @property
     def _on_tpu(self) -> bool:
@@ -464,12 +493,12 @@ class Trainer:
                     best_manager, writers) -> None:
         config = self.config
         total_steps = stage.epochs * self.steps_per_epoch
-        train_step = self._make_train_step(stage, optimizer, step)
-        iterator = self._train_dataset(stage, int(step))
+        train_step = self._make_train_step(stage, optimizer, schedule, step)
+        iterator = self._train_dataset(stage, int(step.numpy()))
         sums, interval_steps, interval_start = {}, 0, time.monotonic()
-        while int(step) < total_steps:
+        while int(step.numpy()) < total_steps:
             metrics = {name: float(value) for name, value in train_step(iterator).items()}
-            current = int(step)
+            current = int(step.numpy())
             bad = [name for name, value in metrics.items() if not math.isfinite(value)]
             if bad:
                 raise NonFiniteLossError(
@@ -489,19 +518,20 @@ class Trainer:
                                    interval_steps / elapsed, writers["train"])
                 sums, interval_steps = {}, 0
             if epoch_end:
+                self._check_finite_weights(current, manager.latest_checkpoint)
                 epoch.assign(current // self.steps_per_epoch)
-                finished = int(epoch)
+                finished = int(epoch.numpy())
                 if self.has_validation and (finished % config.validate_every_epochs == 0
                                             or current == total_steps):
                     rsum = self._validate(stage.stage, current, writers["validation"])
-                    if rsum > float(best_rsum):
+                    if rsum > float(best_rsum.numpy()):
                         best_rsum.assign(rsum)
-                        best_manager.save(checkpoint_number=current)
+                        self._save(best_manager, current, manager.latest_checkpoint)
                         logging.info("stage %d epoch %d: new best validation rsum %.2f",
                                      stage.stage, finished, rsum)
-                manager.save(checkpoint_number=current)
+                self._save(manager, current, manager.latest_checkpoint)
             elif config.checkpoint_every_steps and current % config.checkpoint_every_steps == 0:
-                manager.save(checkpoint_number=current)
+                self._save(manager, current, manager.latest_checkpoint)
             if interval_steps == 0:
                 interval_start = time.monotonic()
         for writer in writers.values():
@@ -599,12 +629,15 @@ class Trainer:
     # ---- the whole run ---------------------------------------------------------------
 
     def final_results(self, stage: int, done: dict) -> dict:
-        """Metrics of the stage's best-by-validation checkpoint (its final one without a
-        validation split) on the validation split and, when asked and present, the test split."""
+        """Metrics of the stage's best-by-validation checkpoint (its last one with
+        results_checkpoint="last" or without a validation split) on the validation split
+        and, when asked and present, the test split."""
         config = self.config
         directory = stage_dir(config.model_dir, stage)
-        chosen = (os.path.join(directory, done["best_checkpoint"]) if done.get("best_checkpoint")
-                  else _final_checkpoint(config.model_dir, stage, done))
+        if config.results_checkpoint == "best" and done.get("best_checkpoint"):
+            chosen = os.path.join(directory, done["best_checkpoint"])
+        else:
+            chosen = _final_checkpoint(config.model_dir, stage, done)
         tf.train.Checkpoint(model=self.model.training_model).read(chosen).expect_partial() \
             .assert_existing_objects_matched()
         results = {"checkpoint": chosen, "stage": stage, "metrics": {}}

@@ -39,6 +39,7 @@ flags.DEFINE_list("head_dims", ["2048", "2048"], "fc sizes of each path's head; 
 flags.DEFINE_float("dropout", 0.75, "Dropout before the classifier (0.75 / 0.5 / 0.8).")
 flags.DEFINE_enum("embedding_point", "bn", ["bn", "relu", "dropout"], "Where the embedding is taken.")
 flags.DEFINE_bool("share_classifier", True, "One instance classifier W for both paths.")
+flags.DEFINE_bool("classifier_bias", False, "Whether the instance classifier has a bias.")
 
 # Data and losses.
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -61,8 +62,8 @@ for _stage, _epochs, _weights in ((1, 240, "0:1:1"), (2, 60, "1:1:1")):
                       f"Where stage {_stage}'s next learning rate starts.")
     flags.DEFINE_string(f"stage{_stage}_loss_weights", _weights,
                         f"Stage {_stage} loss weights rank:image:text.")
-flags.DEFINE_float("stage2_backbone_lr_multiplier", 0.01,
-                   "lr multiplier of the image backbone in stage II.")
+flags.DEFINE_float("stage2_backbone_lr_multiplier", 1e-3,
+                   "lr multiplier of the image backbone in stage II (the original's conv filters: 1e-3).")
 
 # Checkpoints, logs, evaluation.
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (0: epochs only).")
@@ -75,6 +76,9 @@ flags.DEFINE_bool("eval_flip_images", True,
 flags.DEFINE_bool("eval_shift_texts", False, "Sum caption embeddings over all positions.")
 flags.DEFINE_integer("eval_folds", 1, "Evaluate on k folds of the images and average (COCO 1K: 5).")
 flags.DEFINE_bool("evaluate_test", False, "Also report the test split at the end, if present.")
+flags.DEFINE_enum("results_checkpoint", "best", ["best", "last"],
+                  "Final results from the best-by-validation or the last checkpoint (use last "
+                  "when the validation split is the test set).")
 flags.DEFINE_integer("projector_images", 500, "Validation images in the projector embeddings.")
 
 flags.mark_flags_as_required(["shard_dir", "model_dir"])
@@ -99,7 +103,8 @@ def model_config(manifest: dict) -> DualPathConfig:
         embedding_lr_multiplier=FLAGS.embedding_lr_multiplier,
         text_blocks=_ints(FLAGS.text_blocks), text_widths=_ints(FLAGS.text_widths),
         head_dims=_ints(FLAGS.head_dims), dropout=FLAGS.dropout,
-        embedding_point=FLAGS.embedding_point, share_classifier=FLAGS.share_classifier)
+        embedding_point=FLAGS.embedding_point, share_classifier=FLAGS.share_classifier,
+        classifier_bias=FLAGS.classifier_bias)
 
 
 def stage_configs() -> list[training.StageConfig]:
@@ -131,6 +136,7 @@ def train_config() -> training.TrainConfig:
         validation_split=FLAGS.validation_split, validate_every_epochs=FLAGS.validate_every_epochs,
         eval_flip_images=FLAGS.eval_flip_images, eval_shift_texts=FLAGS.eval_shift_texts,
         eval_folds=FLAGS.eval_folds, evaluate_test=FLAGS.evaluate_test,
+        results_checkpoint=FLAGS.results_checkpoint,
         projector_images=FLAGS.projector_images)
 
 

@@ -1,0 +1,215 @@
+"""The two-stage trainer on tiny shards written here by the real data_prep code, on CPU.
+
+Covers: stage I freezes the backbone (weights and BN statistics) and stage II trains it;
+a non-finite loss stops the run with the last good checkpoint kept; mixed precision;
+MirroredStrategy on two logical CPUs (its own process); resume after SIGKILL of
+experiments/train.py mid-stage, with finished stages not trained again.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_prep import build_shards, synthetic
+from data_prep.readers import read_source
+from dual_path import training
+from dual_path.model import DualPathConfig
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+BATCH = 8
+NUM_TRAIN = 40  # 5 steps per epoch
+STEPS_PER_EPOCH = NUM_TRAIN // BATCH
+
+# The same tiny architecture as flags (for experiments/train.py) and as a config.
+TINY_FLAGS = [
+    "--backbone=small_cnn", "--weights=none", f"--image_size={IMAGE_SIZE}",
+    "--small_cnn_widths=8,16", "--embedding_dim=16", "--text_blocks=1,1", "--text_widths=16,32",
+    "--head_dims=16,16", "--dropout=0.5", f"--batch_size={BATCH}", "--log_every_steps=1",
+    "--noeval_flip_images",
+]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> str:
+    """Synthetic dataset (40 train, 12 val images of 32x32) -> shards, via the real data_prep."""
+    root = tmp_path_factory.mktemp("data")
+    captions = synthetic.generate(str(root / "raw"), num_train=NUM_TRAIN, num_val=12, num_test=0,
+                                  image_size=IMAGE_SIZE, seed=0)
+    shards = str(root / "shards")
+    build_shards.build_shards(read_source("karpathy", captions=captions), shards,
+                              splits=("train", "val"), num_image_shards=2, num_caption_shards=1,
+                              num_workers=1, embedding_dim=16)
+    return shards
+
+
+def tiny_config(shard_dir, model_dir, stages, **overrides) -> training.TrainConfig:
+    manifest = json.loads(Path(shard_dir, "manifest.json").read_text())
+    model = DualPathConfig(
+        vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"],
+        max_length=manifest["max_length"], backbone="small_cnn", weights=None,
+        image_size=IMAGE_SIZE, small_cnn_widths=(8, 16), embedding_dim=16, text_blocks=(1, 1),
+        text_widths=(16, 32), head_dims=(16, 16), dropout=0.5)
+    options = dict(model_dir=str(model_dir), shard_dir=shard_dir, model=model, stages=stages,
+                   batch_size=BATCH, log_every_steps=5, eval_flip_images=False,
+                   projector_images=4)
+    options.update(overrides)
+    return training.TrainConfig(**options)
+
+
+def stage(number, epochs=1, lr_values=(0.1,), lr_boundaries=(), weights="0:1:1"):
+    return training.StageConfig(
+        stage=number, epochs=epochs, lr_values=lr_values, lr_boundaries=lr_boundaries,
+        loss_weights=training.LossWeights.parse(weights), train_backbone=number == 2,
+        backbone_lr_multiplier=1.0)
+
+
+def snapshot(variables) -> dict:
+    return {variable.path: np.array(variable.numpy()) for variable in variables}
+
+
+def changed(before: dict, after: dict) -> set:
+    return {path for path in before if not np.array_equal(before[path], after[path])}
+
+
+def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shard_dir, tmp_path):
+    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run",
+                                           [stage(1), stage(2, weights="1:1:1")]))
+    backbone = trainer.model.backbone
+    moving = [v for v in backbone.weights if "moving_" in v.path]
+    kernels = [v for v in backbone.weights if v.path.endswith("kernel")]
+    assert moving and kernels
+    text_weights = trainer.model.text_cnn.trainable_variables
+    before = snapshot(backbone.weights)
+    text_before = snapshot(text_weights)
+
+    trainer.run_stage(trainer.config.stages[0])
+    assert changed(before, snapshot(backbone.weights)) == set()
+    assert changed(text_before, snapshot(text_weights))  # stage I did train the text path
+
+    trainer.run_stage(trainer.config.stages[1])
+    after = snapshot(backbone.weights)
+    assert {v.path for v in moving} <= changed(before, after)
+    assert {v.path for v in kernels} <= changed(before, after)
+
+    for number in (1, 2):
+        done = training.read_done_marker(str(tmp_path / "run"), number)
+        assert done["step"] == STEPS_PER_EPOCH and done["epoch"] == 1
+        assert done["best_checkpoint"].startswith("best/")
+    logs = tmp_path / "run" / "logs" / "stage2"
+    assert list((logs / "train").iterdir()) and list((logs / "validation").iterdir())
+    assert (logs / "projector" / "projector_config.pbtxt").exists()
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(shard_dir, tmp_path):
+    # Two sane steps (checkpointed), then an absurd learning rate.
+    absurd = stage(1, lr_values=(0.01, 1e38), lr_boundaries=(2,))
+    config = tiny_config(shard_dir, tmp_path / "run", [absurd], lr_boundary_unit="steps",
+                         checkpoint_every_steps=1)
+    with pytest.raises(training.NonFiniteLossError, match=r"not finite.*last good checkpoint is "
+                                                          r".*stage1/ckpt-2$"):
+        training.train(config)
+    stage_dir = tmp_path / "run" / "stage1"
+    assert tf.train.latest_checkpoint(str(stage_dir)).endswith("ckpt-2")
+    assert not (stage_dir / training.DONE_MARKER).exists()
+    for name, _ in tf.train.list_variables(str(stage_dir / "ckpt-2")):
+        value = tf.train.load_variable(str(stage_dir / "ckpt-2"), name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+
+
+def test_mixed_precision_trains_both_stages_with_finite_results(shard_dir, tmp_path):
+    config = tiny_config(shard_dir, tmp_path / "run", [stage(1), stage(2, weights="1:1:1")],
+                         mixed_precision=True)
+    results = training.train(config)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+    assert all(np.isfinite(value) for value in results["metrics"]["val"].values())
+    names = [name for name, _ in tf.train.list_variables(str(tmp_path / "run" / "stage2" / "ckpt-5"))]
+    assert any("dynamic_scale" in name for name in names)  # the loss-scale optimizer's state
+
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path.insert(0, {tests!r})
+    from test_training import stage, tiny_config
+    from absl import logging
+    from dual_path import training
+    logging.set_verbosity(logging.INFO)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = tiny_config({shard_dir!r}, {model_dir!r}, [stage(1), stage(2, weights="1:1:1")])
+    results = training.train(config, strategy)
+    print("RESULT", json.dumps({{"replicas": strategy.num_replicas_in_sync,
+                                 "rsum": results["metrics"]["val"]["rsum"]}}))
+""")
+
+
+def test_mirrored_strategy_on_two_logical_cpus_trains(shard_dir, tmp_path):
+    script = MIRRORED_SCRIPT.format(tests=str(REPO / "tests"), shard_dir=shard_dir,
+                                    model_dir=str(tmp_path / "run"))
+    process = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = json.loads(process.stdout.split("RESULT", 1)[1])
+    assert result["replicas"] == 2 and np.isfinite(result["rsum"])
+    assert "stage 2 | epoch 1.00/1 | step 5/5" in process.stderr
+    done = training.read_done_marker(str(tmp_path / "run"), 2)
+    assert done["step"] == STEPS_PER_EPOCH
+
+
+def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path):
+    model_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.train", f"--shard_dir={shard_dir}",
+               f"--model_dir={model_dir}", "--stage=both", "--stage1_epochs=1",
+               "--stage2_epochs=2", "--stage2_lr_values=0.1,0.01", "--stage2_lr_boundaries=1",
+               "--stage2_loss_weights=1:1:1", "--checkpoint_every_steps=2", *TINY_FLAGS]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    # First run: killed (SIGKILL) in stage II, after its step 7 (step 6 was checkpointed).
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=environment)
+    first_log = []
+    try:
+        for line in first.stdout:
+            first_log.append(line)
+            if "stage 2 | epoch 1.40/2 | step 7/10" in line:
+                first.send_signal(signal.SIGKILL)
+                break
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, "".join(first_log[-30:])
+    assert (model_dir / "stage1" / training.DONE_MARKER).exists()
+    assert not (model_dir / "stage2" / training.DONE_MARKER).exists()
+    assert (model_dir / "flags.txt").exists() and (model_dir / "flags.json").exists()
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment,
+                            timeout=300)
+    log = second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "stage 1 already finished" in log and "stage 1 |" not in log
+    resumed = [line for line in log.splitlines() if "stage 2: resumed from" in line]
+    assert len(resumed) == 1, log[-3000:]
+    resumed_step = int(resumed[0].split(" at step ")[1].split()[0])
+    assert 6 <= resumed_step < 10 and "(epoch 1)" in resumed[0] and "lr 0.01" in resumed[0]
+    progress = [line for line in log.splitlines() if "stage 2 | epoch" in line]
+    assert f"step {resumed_step + 1}/10" in progress[0] and "lr 0.01" in progress[0]
+
+    final = str(model_dir / "stage2" / "ckpt-10")
+    # Steps of both processes went through one optimizer: its state was restored.
+    assert tf.train.load_variable(final, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 10
+    assert tf.train.load_variable(final, "epoch/.ATTRIBUTES/VARIABLE_VALUE") == 2
+    assert training.read_done_marker(str(model_dir), 2)["step"] == 10
+    results = json.loads((model_dir / training.RESULTS_NAME).read_text())
+    assert results["stage"] == 2 and "val" in results["metrics"]
+    assert "rsum" in second.stdout  # the results table
