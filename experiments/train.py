@@ -17,71 +17,75 @@ from dual_path.model import DualPathConfig
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("shard_dir", None, "Folder of the dataset's shards, vocab.txt, manifest.json.")
-flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and results of this run.")
-flags.DEFINE_enum("stage", "both", ["1", "2", "both"], "Which stage(s) to train.")
-flags.DEFINE_enum("strategy", "default", list(training.STRATEGIES), "tf.distribute strategy.")
-flags.DEFINE_string("tpu", "", "TPU address or name, with --strategy=tpu.")
-flags.DEFINE_bool("mixed_precision", False,
-                  "mixed_float16 with dynamic loss scaling (mixed_bfloat16 on TPU).")
 
-# Model.
-flags.DEFINE_string("backbone", "ResNet50", "keras.applications constructor name, or small_cnn.")
-flags.DEFINE_string("weights", "imagenet", "Backbone weights: imagenet, none, or a weights file.")
-flags.DEFINE_integer("image_size", 224, "Side of the square input image, pixels.")
-flags.DEFINE_float("alpha", None, "MobileNet width multiplier.")
-flags.DEFINE_list("small_cnn_widths", ["32", "64", "128", "256"], "small_cnn block widths.")
-flags.DEFINE_integer("embedding_dim", 300, "Word vector size (must match word2vec_init.npy).")
-flags.DEFINE_float("embedding_lr_multiplier", 1e-3, "lr multiplier of the word embedding.")
-flags.DEFINE_list("text_blocks", ["3", "4", "6", "1"], "Bottleneck blocks per text CNN stage.")
-flags.DEFINE_list("text_widths", ["256", "512", "1024", "2048"], "Text CNN stage widths.")
-flags.DEFINE_list("head_dims", ["2048", "2048"], "fc sizes of each path's head; D is the last.")
-flags.DEFINE_float("dropout", 0.75, "Dropout before the classifier (0.75 / 0.5 / 0.8).")
-flags.DEFINE_enum("embedding_point", "bn", ["bn", "relu", "dropout"], "Where the embedding is taken.")
-flags.DEFINE_bool("share_classifier", True, "One instance classifier W for both paths.")
-flags.DEFINE_bool("classifier_bias", False, "Whether the instance classifier has a bias.")
+def define_flags() -> None:
+    """Defines the command's flags; called by run() only, so that importing this module
+    defines no flags (see data_prep/build_shards.py)."""
+    flags.DEFINE_string("shard_dir", None, "Folder of the dataset's shards, vocab.txt, manifest.json.")
+    flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and results of this run.")
+    flags.DEFINE_enum("stage", "both", ["1", "2", "both"], "Which stage(s) to train.")
+    flags.DEFINE_enum("strategy", "default", list(training.STRATEGIES), "tf.distribute strategy.")
+    flags.DEFINE_string("tpu", "", "TPU address or name, with --strategy=tpu.")
+    flags.DEFINE_bool("mixed_precision", False,
+                      "mixed_float16 with dynamic loss scaling (mixed_bfloat16 on TPU).")
 
-# Data and losses.
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-flags.DEFINE_integer("seed", 0, "Seed of the data order and augmentation.")
-flags.DEFINE_enum("flip", "swap_left_right", ["swap_left_right", "plain", "off"],
-                  "Horizontal flips of training images (and left/right in their captions).")
-flags.DEFINE_bool("position_shift", True, "Random caption position in its max_length slots.")
-flags.DEFINE_float("margin", 1.0, "Ranking loss margin (cosine units).")
-flags.DEFINE_bool("hardest_negative", True, "Ranking loss on the hardest negative; else the sum.")
+    # Model.
+    flags.DEFINE_string("backbone", "ResNet50", "keras.applications constructor name, or small_cnn.")
+    flags.DEFINE_string("weights", "imagenet", "Backbone weights: imagenet, none, or a weights file.")
+    flags.DEFINE_integer("image_size", 224, "Side of the square input image, pixels.")
+    flags.DEFINE_float("alpha", None, "MobileNet width multiplier.")
+    flags.DEFINE_list("small_cnn_widths", ["32", "64", "128", "256"], "small_cnn block widths.")
+    flags.DEFINE_integer("embedding_dim", 300, "Word vector size (must match word2vec_init.npy).")
+    flags.DEFINE_float("embedding_lr_multiplier", 1e-3, "lr multiplier of the word embedding.")
+    flags.DEFINE_list("text_blocks", ["3", "4", "6", "1"], "Bottleneck blocks per text CNN stage.")
+    flags.DEFINE_list("text_widths", ["256", "512", "1024", "2048"], "Text CNN stage widths.")
+    flags.DEFINE_list("head_dims", ["2048", "2048"], "fc sizes of each path's head; D is the last.")
+    flags.DEFINE_float("dropout", 0.75, "Dropout before the classifier (0.75 / 0.5 / 0.8).")
+    flags.DEFINE_enum("embedding_point", "bn", ["bn", "relu", "dropout"], "Where the embedding is taken.")
+    flags.DEFINE_bool("share_classifier", True, "One instance classifier W for both paths.")
+    flags.DEFINE_bool("classifier_bias", False, "Whether the instance classifier has a bias.")
 
-# Optimisation, per stage.
-flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
-flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay added to the gradient.")
-flags.DEFINE_enum("lr_boundary_unit", "epochs", ["epochs", "steps"], "Unit of --stageN_lr_boundaries.")
-for _stage, _epochs, _weights in ((1, 240, "0:1:1"), (2, 60, "1:1:1")):
-    flags.DEFINE_integer(f"stage{_stage}_epochs", _epochs, f"Epochs of stage {_stage}.")
-    flags.DEFINE_list(f"stage{_stage}_lr_values", ["0.1"] if _stage == 1 else ["0.1", "0.01"],
-                      f"Stage {_stage} learning rates, one more than boundaries.")
-    flags.DEFINE_list(f"stage{_stage}_lr_boundaries", [] if _stage == 1 else ["40"],
-                      f"Where stage {_stage}'s next learning rate starts.")
-    flags.DEFINE_string(f"stage{_stage}_loss_weights", _weights,
-                        f"Stage {_stage} loss weights rank:image:text.")
-flags.DEFINE_float("stage2_backbone_lr_multiplier", 1e-3,
-                   "lr multiplier of the image backbone in stage II (the original's conv filters: 1e-3).")
+    # Data and losses.
+    flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+    flags.DEFINE_integer("seed", 0, "Seed of the data order and augmentation.")
+    flags.DEFINE_enum("flip", "swap_left_right", ["swap_left_right", "plain", "off"],
+                      "Horizontal flips of training images (and left/right in their captions).")
+    flags.DEFINE_bool("position_shift", True, "Random caption position in its max_length slots.")
+    flags.DEFINE_float("margin", 1.0, "Ranking loss margin (cosine units).")
+    flags.DEFINE_bool("hardest_negative", True, "Ranking loss on the hardest negative; else the sum.")
 
-# Checkpoints, logs, evaluation.
-flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (0: epochs only).")
-flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per stage (besides the best).")
-flags.DEFINE_integer("log_every_steps", 50, "One progress line and summaries every N steps.")
-flags.DEFINE_string("validation_split", "val", "Split validated every epoch (best checkpoint).")
-flags.DEFINE_integer("validate_every_epochs", 1, "Validate every N epochs (and at the end).")
-flags.DEFINE_bool("eval_flip_images", True,
-                  "Add the mirrored image's embedding (off where captions say left/right).")
-flags.DEFINE_bool("eval_shift_texts", False, "Sum caption embeddings over all positions.")
-flags.DEFINE_integer("eval_folds", 1, "Evaluate on k folds of the images and average (COCO 1K: 5).")
-flags.DEFINE_bool("evaluate_test", False, "Also report the test split at the end, if present.")
-flags.DEFINE_enum("results_checkpoint", "best", ["best", "last"],
-                  "Final results from the best-by-validation or the last checkpoint (use last "
-                  "when the validation split is the test set).")
-flags.DEFINE_integer("projector_images", 500, "Validation images in the projector embeddings.")
+    # Optimisation, per stage.
+    flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
+    flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay added to the gradient.")
+    flags.DEFINE_enum("lr_boundary_unit", "epochs", ["epochs", "steps"], "Unit of --stageN_lr_boundaries.")
+    for stage, epochs, weights in ((1, 240, "0:1:1"), (2, 60, "1:1:1")):
+        flags.DEFINE_integer(f"stage{stage}_epochs", epochs, f"Epochs of stage {stage}.")
+        flags.DEFINE_list(f"stage{stage}_lr_values", ["0.1"] if stage == 1 else ["0.1", "0.01"],
+                          f"Stage {stage} learning rates, one more than boundaries.")
+        flags.DEFINE_list(f"stage{stage}_lr_boundaries", [] if stage == 1 else ["40"],
+                          f"Where stage {stage}'s next learning rate starts.")
+        flags.DEFINE_string(f"stage{stage}_loss_weights", weights,
+                            f"Stage {stage} loss weights rank:image:text.")
+    flags.DEFINE_float("stage2_backbone_lr_multiplier", 1e-3,
+                       "lr multiplier of the image backbone in stage II (the original's conv filters: 1e-3).")
 
-flags.mark_flags_as_required(["shard_dir", "model_dir"])
+    # Checkpoints, logs, evaluation.
+    flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (0: epochs only).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per stage (besides the best).")
+    flags.DEFINE_integer("log_every_steps", 50, "One progress line and summaries every N steps.")
+    flags.DEFINE_string("validation_split", "val", "Split validated every epoch (best checkpoint).")
+    flags.DEFINE_integer("validate_every_epochs", 1, "Validate every N epochs (and at the end).")
+    flags.DEFINE_bool("eval_flip_images", True,
+                      "Add the mirrored image's embedding (off where captions say left/right).")
+    flags.DEFINE_bool("eval_shift_texts", False, "Sum caption embeddings over all positions.")
+    flags.DEFINE_integer("eval_folds", 1, "Evaluate on k folds of the images and average (COCO 1K: 5).")
+    flags.DEFINE_bool("evaluate_test", False, "Also report the test split at the end, if present.")
+    flags.DEFINE_enum("results_checkpoint", "best", ["best", "last"],
+                      "Final results from the best-by-validation or the last checkpoint (use last "
+                      "when the validation split is the test set).")
+    flags.DEFINE_integer("projector_images", 500, "Validation images in the projector embeddings.")
+
+    flags.mark_flags_as_required(["shard_dir", "model_dir"])
 
 
 def _ints(values) -> tuple[int, ...]:
@@ -172,6 +176,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 
