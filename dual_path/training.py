@@ -42,14 +42,11 @@ import tensorflow as tf
 from absl import logging
 
 from dual_path import embeddings, evaluation, input_pipeline, losses, optimization, shard_format
+from dual_path import run_layout
 from dual_path import text
 from dual_path.model import DualPath, DualPathConfig, build_dual_path
 
-STAGES = (1, 2)
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-DONE_MARKER = "done"
-BEST_DIR = "best"
-RESULTS_NAME = "results.json"
 RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 RETRIEVAL_EXAMPLE_TOP_K = 5
 _THUMBNAIL = 96
@@ -143,7 +140,7 @@ class TrainConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         numbers = [stage.stage for stage in self.stages]
-        if not numbers or numbers != sorted(set(numbers)) or not set(numbers) <= set(STAGES):
+        if not numbers or numbers != sorted(set(numbers)) or not set(numbers) <= set(run_layout.STAGES):
             raise ValueError(f"stages must be 1, 2 or 1 then 2, got {numbers}")
         for stage in self.stages:
             if stage.epochs < 1:
@@ -183,39 +180,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def write_json_atomically(path: str, value) -> None:
-    """Writes JSON to path.tmp, then renames it over path: readers see old or new, whole."""
-    tmp_path = path + ".tmp"
-    with tf.io.gfile.GFile(tmp_path, "w") as output:
-        output.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(tmp_path, path, overwrite=True)
 
 
-def write_run_flags(model_dir: str, flagfile_text: str, values: dict) -> None:
-    """model_dir/flags.txt (an absl flagfile: rerun with --flagfile) and flags.json."""
-    tf.io.gfile.makedirs(model_dir)
-    tmp_path = os.path.join(model_dir, "flags.txt.tmp")
-    with tf.io.gfile.GFile(tmp_path, "w") as output:
-        output.write(flagfile_text)
-    tf.io.gfile.rename(tmp_path, os.path.join(model_dir, "flags.txt"), overwrite=True)
-    write_json_atomically(os.path.join(model_dir, "flags.json"), values)
 
 
-def stage_dir(model_dir: str, stage: int) -> str:
-    return os.path.join(model_dir, f"stage{stage}")
 
 
-def read_done_marker(model_dir: str, stage: int) -> dict | None:
-    """The stage's done marker ({"final_checkpoint", "step", "epoch", ...}) or None."""
-    path = os.path.join(stage_dir(model_dir, stage), DONE_MARKER)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path, "r") as marker:
-        return json.loads(marker.read())
 
 
-def _final_checkpoint(model_dir: str, stage: int, done: dict) -> str:
-    return os.path.join(stage_dir(model_dir, stage), done["final_checkpoint"])
 
 
 def _checkpoint_number(path: str) -> int:
@@ -297,6 +269,8 @@ class Trainer:
         embedding_init = np.load(init_path) if tf.io.gfile.exists(init_path) else None
         with self.strategy.scope():
             self.model: DualPath = build_dual_path(config.model, embedding_init)
+        if self.chief:
+            run_layout.save_model_config(config.model_dir, config.model)
         self.embedder = embeddings.SplitEmbedder(
             self.model.image_encoder, self.model.text_encoder, image_size=config.model.image_size,
             max_length=config.model.max_length, flip_images=config.eval_flip_images,
@@ -383,8 +357,8 @@ class Trainer:
     def run_stage(self, stage: StageConfig) -> dict:
         """Trains one stage to its end (or resumes it); returns its done marker."""
         config = self.config
-        directory = stage_dir(config.model_dir, stage.stage)
-        done = read_done_marker(config.model_dir, stage.stage)
+        directory = run_layout.stage_dir(config.model_dir, stage.stage)
+        done = run_layout.read_done_marker(config.model_dir, stage.stage)
         if done is not None:
             logging.info("stage %d already finished (%s): not trained again",
                          stage.stage, done["final_checkpoint"])
@@ -413,7 +387,7 @@ class Trainer:
         best_manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(model=model, step=step, epoch=epoch, stage=stage_number,
                                 best_rsum=best_rsum),
-            self._write_dir(os.path.join(directory, BEST_DIR)), max_to_keep=1,
+            self._write_dir(os.path.join(directory, run_layout.BEST_DIR)), max_to_keep=1,
             step_counter=step, checkpoint_name="ckpt")
 
         if manager.latest_checkpoint:
@@ -447,7 +421,7 @@ class Trainer:
                 "best_checkpoint": (os.path.relpath(best_manager.latest_checkpoint, directory)
                                     if best_manager.latest_checkpoint else None)}
         if self.chief:
-            write_json_atomically(os.path.join(directory, DONE_MARKER), done)
+            run_layout.write_json_atomically(os.path.join(directory, run_layout.DONE_MARKER), done)
         logging.info("stage %d finished at step %d (epoch %d)", stage.stage, final_step, final_epoch)
         return done
 
@@ -470,13 +444,14 @@ class Trainer:
         return isinstance(self.strategy, tf.distribute.TPUStrategy)
 
     def _load_stage1_final(self) -> None:
-        done = read_done_marker(self.config.model_dir, 1)
+        done = run_layout.read_done_marker(self.config.model_dir, 1)
         if done is None:
             raise FileNotFoundError(
                 f"stage II starts from stage I's final checkpoint, but "
-                f"{os.path.join(stage_dir(self.config.model_dir, 1), DONE_MARKER)} does not exist: "
+                f"{os.path.join(run_layout.stage_dir(self.config.model_dir, 1), run_layout.DONE_MARKER)}"
+                " does not exist: "
                 f"train stage I first (--stage=1 or --stage=both)")
-        path = _final_checkpoint(self.config.model_dir, 1, done)
+        path = run_layout.checkpoint_path(self.config.model_dir, 1, done, "last")
         tf.train.Checkpoint(model=self.model.training_model).read(path).expect_partial() \
             .assert_existing_objects_matched()
         logging.info("stage 2: starts from stage I's final checkpoint %s", path)
@@ -633,13 +608,8 @@ class Trainer:
         results_checkpoint="last" or without a validation split) on the validation split
         and, when asked and present, the test split."""
         config = self.config
-        directory = stage_dir(config.model_dir, stage)
-        if config.results_checkpoint == "best" and done.get("best_checkpoint"):
-            chosen = os.path.join(directory, done["best_checkpoint"])
-        else:
-            chosen = _final_checkpoint(config.model_dir, stage, done)
-        tf.train.Checkpoint(model=self.model.training_model).read(chosen).expect_partial() \
-            .assert_existing_objects_matched()
+        chosen = run_layout.checkpoint_path(config.model_dir, stage, done, config.results_checkpoint)
+        run_layout.load_checkpoint(self.model, chosen)
         results = {"checkpoint": chosen, "stage": stage, "metrics": {}}
         splits = [config.validation_split] if self.has_validation else []
         if config.evaluate_test and self._has_split(config.test_split):
@@ -663,7 +633,8 @@ class Trainer:
                          results["checkpoint"])
             print(format_results_table(results["metrics"]), flush=True)
         if self.chief:
-            write_json_atomically(os.path.join(self.config.model_dir, RESULTS_NAME), results)
+            run_layout.write_json_atomically(
+                os.path.join(self.config.model_dir, run_layout.RESULTS_NAME), results)
         return results
 
 

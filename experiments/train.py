@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dual_path import input_pipeline, training
+from dual_path import input_pipeline, run_layout, training
 from dual_path.model import DualPathConfig
 
 FLAGS = flags.FLAGS
@@ -68,6 +68,9 @@ def define_flags() -> None:
                             f"Stage {stage} loss weights rank:image:text.")
     flags.DEFINE_float("stage2_backbone_lr_multiplier", 1e-3,
                        "lr multiplier of the image backbone in stage II (the original's conv filters: 1e-3).")
+    flags.DEFINE_bool("stage1_train_backbone", False,
+                      "Train the image backbone in stage I too (only sensible for a backbone "
+                      "without pretrained weights; the paper freezes its ImageNet CNN).")
 
     # Checkpoints, logs, evaluation.
     flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (0: epochs only).")
@@ -120,7 +123,7 @@ def stage_configs() -> list[training.StageConfig]:
             lr_values=_floats(FLAGS[f"stage{number}_lr_values"].value),
             lr_boundaries=_floats(FLAGS[f"stage{number}_lr_boundaries"].value),
             loss_weights=training.LossWeights.parse(FLAGS[f"stage{number}_loss_weights"].value),
-            train_backbone=number == 2,
+            train_backbone=number == 2 or FLAGS.stage1_train_backbone,
             backbone_lr_multiplier=FLAGS.stage2_backbone_lr_multiplier if number == 2 else 1.0,
         )
         for number in numbers
@@ -167,7 +170,7 @@ def main(argv):
     strategy = training.create_strategy(FLAGS.strategy, FLAGS.tpu)
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
     if training.is_chief(strategy):
-        training.write_run_flags(FLAGS.model_dir, *_resolved_flags())
+        run_layout.write_run_flags(FLAGS.model_dir, *_resolved_flags())
     try:
         training.train(config, strategy)
     except training.NonFiniteLossError as error:

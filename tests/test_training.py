@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from data_prep import build_shards, synthetic
 from data_prep.readers import read_source
-from dual_path import training
+from dual_path import embeddings, evaluation, run_layout, training
 from dual_path.model import DualPathConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shar
     assert {v.path for v in kernels} <= changed(before, after)
 
     for number in (1, 2):
-        done = training.read_done_marker(str(tmp_path / "run"), number)
+        done = run_layout.read_done_marker(str(tmp_path / "run"), number)
         assert done["step"] == STEPS_PER_EPOCH and done["epoch"] == 1
         assert done["best_checkpoint"].startswith("best/")
     logs = tmp_path / "run" / "logs" / "stage2"
@@ -119,7 +119,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(shard_dir, tmp
         training.train(config)
     stage_dir = tmp_path / "run" / "stage1"
     assert tf.train.latest_checkpoint(str(stage_dir)).endswith("ckpt-2")
-    assert not (stage_dir / training.DONE_MARKER).exists()
+    assert not (stage_dir / run_layout.DONE_MARKER).exists()
     for name, _ in tf.train.list_variables(str(stage_dir / "ckpt-2")):
         value = tf.train.load_variable(str(stage_dir / "ckpt-2"), name)
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
@@ -163,7 +163,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains(shard_dir, tmp_path):
     result = json.loads(process.stdout.split("RESULT", 1)[1])
     assert result["replicas"] == 2 and np.isfinite(result["rsum"])
     assert "stage 2 | epoch 1.00/1 | step 5/5" in process.stderr
-    done = training.read_done_marker(str(tmp_path / "run"), 2)
+    done = run_layout.read_done_marker(str(tmp_path / "run"), 2)
     assert done["step"] == STEPS_PER_EPOCH
 
 
@@ -189,8 +189,8 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path)
         first.kill()
         first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, "".join(first_log[-30:])
-    assert (model_dir / "stage1" / training.DONE_MARKER).exists()
-    assert not (model_dir / "stage2" / training.DONE_MARKER).exists()
+    assert (model_dir / "stage1" / run_layout.DONE_MARKER).exists()
+    assert not (model_dir / "stage2" / run_layout.DONE_MARKER).exists()
     assert (model_dir / "flags.txt").exists() and (model_dir / "flags.json").exists()
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment,
@@ -209,7 +209,24 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path)
     # Steps of both processes went through one optimizer: its state was restored.
     assert tf.train.load_variable(final, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 10
     assert tf.train.load_variable(final, "epoch/.ATTRIBUTES/VARIABLE_VALUE") == 2
-    assert training.read_done_marker(str(model_dir), 2)["step"] == 10
-    results = json.loads((model_dir / training.RESULTS_NAME).read_text())
+    assert run_layout.read_done_marker(str(model_dir), 2)["step"] == 10
+    results = json.loads((model_dir / run_layout.RESULTS_NAME).read_text())
     assert results["stage"] == 2 and "val" in results["metrics"]
     assert "rsum" in second.stdout  # the results table
+
+
+def test_restored_model_reproduces_the_final_results(shard_dir, tmp_path):
+    """run_layout.restore rebuilds the model from model_config.json and the chosen checkpoint:
+    evaluated again, it gives exactly the metrics the trainer reported."""
+    model_dir = str(tmp_path / "run")
+    config = tiny_config(shard_dir, model_dir, [stage(1)])
+    results = training.train(config)
+
+    model, checkpoint = run_layout.restore(model_dir, which=config.results_checkpoint)
+    assert checkpoint == results["checkpoint"]
+    assert run_layout.load_model_config(model_dir) == config.model
+    split = embeddings.SplitEmbedder(model.image_encoder, model.text_encoder,
+                                     image_size=IMAGE_SIZE, max_length=config.model.max_length,
+                                     flip_images=False)(shard_dir, "val")
+    metrics = evaluation.retrieval_metrics(split.image @ split.text.T, split.image_of_text)
+    assert metrics == pytest.approx(results["metrics"]["val"])
