@@ -1,0 +1,139 @@
+"""The published evaluation protocols, as named pieces: which metric, on which part of a split.
+
+  flickr_1k   every image of the split against all the split's captions, one fold
+              (Flickr8k / Flickr30k: 1,000 test images, 5 captions each)
+  coco_1k     the split's images in 5 consecutive folds, each against its own captions,
+              the metrics averaged (MSCOCO 1K: 5 folds of the 5,000 test images)
+  coco_5k     all 5,000 MSCOCO test images against all their captions, one fold
+  cuhk_pedes  text -> image person search: top-1/5/10 and mAP, every image of the
+              query's person id a match (person ids: the shards' "label")
+
+A protocol is a `Protocol` in `PROTOCOLS`; `auto_protocol` picks one from the
+manifest's dataset name and the split's size. Inputs are `SplitScores`.
+"""
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import numpy as np
+from absl import logging
+
+from dual_path import evaluation
+
+AUTO = "auto"
+COCO_1K_IMAGES = 5000
+COCO_1K_FOLDS = 5
+
+
+class SplitScores(NamedTuple):
+    """What every protocol reads (N images, M captions of one split).
+
+    similarity: float32 [N, M], image embedding . caption embedding (cosine).
+    image_of_text: int [M], the image index of each caption.
+    image_labels: int [N], each image's label (the person id for CUHK-PEDES).
+    text_labels: int [M], the label of each caption's image.
+    """
+
+    similarity: np.ndarray
+    image_of_text: np.ndarray
+    image_labels: np.ndarray
+    text_labels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """name: its --protocol value. expected_images: the split size it is published on
+    (None: any). metrics: SplitScores -> {metric name: float}. table: metrics -> text."""
+
+    name: str
+    description: str
+    expected_images: int | None
+    metrics: Callable[[SplitScores], dict]
+    table: Callable[[dict], str]
+
+
+RETRIEVAL_COLUMNS = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"),
+                     ("meanr", "meanr"))
+RETRIEVAL_DIRECTIONS = (("image->text", "i2t"), ("text->image", "t2i"))
+PERSON_SEARCH_COLUMNS = (("top-1", "t2i_top1"), ("top-5", "t2i_top5"), ("top-10", "t2i_top10"),
+                         ("mAP", "t2i_map"))
+
+
+def _row(label: str, values) -> str:
+    return f"{label:<13}" + "".join(f"{value:>9}" for value in values)
+
+
+def retrieval_table(metrics: dict) -> str:
+    """R@1/5/10 (percent), medr and meanr of both directions, one row each, then rsum."""
+    lines = [_row("", [header for header, _ in RETRIEVAL_COLUMNS])]
+    for label, prefix in RETRIEVAL_DIRECTIONS:
+        lines.append(_row(label, [f"{metrics[f'{prefix}_{key}']:.2f}"
+                                  for _, key in RETRIEVAL_COLUMNS]))
+    lines.append(_row("rsum", [f"{metrics['rsum']:.2f}"]))
+    return "\n".join(lines)
+
+
+def person_search_table(metrics: dict) -> str:
+    """top-1/5/10 and mAP (percent) of text -> image person search."""
+    return "\n".join([_row("", [header for header, _ in PERSON_SEARCH_COLUMNS]),
+                      _row("text->image", [f"{metrics[key]:.2f}"
+                                           for _, key in PERSON_SEARCH_COLUMNS])])
+
+
+def _retrieval(folds: int, scores: SplitScores) -> dict:
+    return evaluation.retrieval_metrics(scores.similarity, scores.image_of_text, folds=folds)
+
+
+def _person_search(scores: SplitScores) -> dict:
+    if len(np.unique(scores.image_labels)) == len(scores.image_labels):
+        logging.warning("every image of the split has its own label, so person search counts "
+                        "only each caption's own image: are these shards without person ids "
+                        "(image indices as labels)?")
+    return evaluation.person_search_metrics(scores.similarity, scores.image_labels,
+                                            scores.text_labels)
+
+
+PROTOCOLS = {protocol.name: protocol for protocol in (
+    Protocol("flickr_1k", "all images against all their captions (Flickr: 1,000 test images)",
+             1000, functools.partial(_retrieval, 1), retrieval_table),
+    Protocol("coco_1k", "5 folds of 1,000 images against their own captions, averaged",
+             COCO_1K_IMAGES, functools.partial(_retrieval, COCO_1K_FOLDS), retrieval_table),
+    Protocol("coco_5k", "all 5,000 MSCOCO test images against all their captions",
+             COCO_1K_IMAGES, functools.partial(_retrieval, 1), retrieval_table),
+    Protocol("cuhk_pedes", "text -> image person search, top-K and mAP by person id",
+             None, _person_search, person_search_table),
+)}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def auto_protocol(dataset_name: str, num_images: int) -> str:
+    """cuhk_pedes for a CUHK-PEDES dataset; coco_1k for a 5,000-image MSCOCO split (the
+    paper's COCO table; coco_5k is chosen by name only); else flickr_1k."""
+    name = dataset_name.lower()
+    if "cuhk" in name:
+        return "cuhk_pedes"
+    if "coco" in name and num_images == COCO_1K_IMAGES:
+        return "coco_1k"
+    return "flickr_1k"
+
+
+def image_labels(image_of_text: np.ndarray, text_labels: np.ndarray, num_images: int,
+                 where: str) -> np.ndarray:
+    """int [num_images] labels of the images, from their captions' labels (every caption of
+    an image carries the image's label). Raises ValueError naming `where` when an image has
+    no caption or its captions disagree."""
+    labels = np.full(num_images, -1, dtype=np.int64)
+    labels[image_of_text] = text_labels
+    if np.any(labels[image_of_text] != text_labels):
+        caption = int(np.argmax(labels[image_of_text] != text_labels))
+        raise ValueError(f"{where}: caption {caption} has label {text_labels[caption]} but another "
+                         f"caption of image {image_of_text[caption]} has "
+                         f"{labels[image_of_text[caption]]}")
+    if len(image_of_text) == 0 or np.bincount(image_of_text, minlength=num_images).min() == 0:
+        raise ValueError(f"{where}: an image has no caption, so it has no label")
+    return labels
