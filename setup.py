@@ -35,6 +35,7 @@ setuptools.setup(
             "dual-path-build-shards=data_prep.build_shards:run",
             "dual-path-demo=experiments.demo:run",
             "dual-path-train=experiments.train:run",
+            "dual-path-export=experiments.export:run",
         ],
     },
 )

@@ -167,6 +167,19 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.ensure_shape(resized, [image_size, image_size, 3])
 
 
+def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A whole encoded image as evaluation sees it (no crop, no flip); exported SavedModels use it too.
+
+    Args:
+      encoded: tf.string [], JPEG (as in the shards) or PNG bytes (GIF, BMP, WebP: first frame).
+    Returns:
+      float32 [image_size, image_size, 3], RGB in 0..255.
+    Raises:
+      tf.errors.InvalidArgumentError: the bytes are empty or not an image of those formats.
+    """
+    return _resize(tf.io.decode_image(encoded, channels=3, expand_animations=False), image_size)
+
+
 def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, crop_area, crop_aspect) -> tf.Tensor:
     """Decodes only a random crop of a JPEG.
 
@@ -344,9 +357,8 @@ def eval_image_dataset(shard_dir: str, split: str, *, batch_size: int, image_siz
 
     def decode(serialized: tf.Tensor) -> dict:
         example = shard_format.parse_image_example(serialized)
-        image = tf.io.decode_jpeg(example[shard_format.IMAGE_ENCODED], channels=3)
         return {
-            "image": _resize(image, image_size),
+            "image": decode_and_resize(example[shard_format.IMAGE_ENCODED], image_size),
             "image_index": tf.cast(example[shard_format.IMAGE_INDEX], tf.int32),
             "label": tf.cast(example[shard_format.IMAGE_LABEL], tf.int32),
         }
