@@ -154,12 +154,17 @@ def evaluate(encoders: Encoders, shard_dir: str, split: str, protocol_name: str,
     """Embeds the split, scores it by the protocol (protocols.AUTO resolved) and returns
     the results that the command writes, with the embedding and metric times in seconds.
 
-    Raises ValueError when flip_images is False but the image encoder mirrors images."""
+    Raises ValueError when the split is not in the shards' manifest, or flip_images is
+    False but the image encoder mirrors images."""
     if encoders.mirrors_images and not flip_images:
         raise ValueError(f"{encoders.defaults_file}: the export adds the mirrored image's "
                          "embedding, so it cannot be evaluated without it")
     manifest = input_pipeline.load_manifest(shard_dir)
-    num_images = input_pipeline.split_count(manifest, split, input_pipeline.MANIFEST_NUM_IMAGES)
+    try:
+        num_images = input_pipeline.split_count(manifest, split, input_pipeline.MANIFEST_NUM_IMAGES)
+    except KeyError as error:
+        splits = ", ".join(manifest.get(input_pipeline.MANIFEST_SPLITS, {}))
+        raise ValueError(f"{shard_dir}: {error.args[0]} (its splits: {splits})") from error
     dataset_name = manifest.get("source", {}).get("dataset_name", "")
     if protocol_name == protocols.AUTO:
         protocol_name = protocols.auto_protocol(dataset_name, num_images)
@@ -230,7 +235,7 @@ def main(argv):
                            FLAGS.protocol, flip_images=flip_images, shift_texts=shift_texts,
                            image_batch_size=FLAGS.image_batch_size,
                            text_batch_size=FLAGS.text_batch_size)
-    except (FileNotFoundError, KeyError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:
         sys.exit(f"dual-path-evaluate: error: {error}")
     results["flags"] = _command_flags()
     results["timing"] = {"load_seconds": load_seconds, **results["timing"],

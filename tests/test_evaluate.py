@@ -202,7 +202,8 @@ def test_flags_win_over_defaults_and_a_missing_default_is_an_error(trained_run, 
     assert evaluate.resolve("flip_images", True, encoders) is True
     with pytest.raises(app.UsageError, match=r"--shard_dir has no default: .*flags.json does not"):
         evaluate.resolve("shard_dir", None, encoders)
-    with pytest.raises(KeyError, match=r"the shard manifest has no splits.nope.images"):
+    with pytest.raises(ValueError, match=r"shards: the shard manifest has no splits.nope.images "
+                                         r"\(its splits: train, val, test\)"):
         evaluate.evaluate(encoders, trained_run.shard_dir, "nope", protocols.AUTO,
                           flip_images=False, shift_texts=False)
     recorded = encoders._replace(defaults={"flip_images": True})
