@@ -56,17 +56,18 @@ def _person_id_order(person_id: str):
 def instance_labels(records: Sequence[ImageRecord], split: str) -> tuple[list[int], int]:
     """The instance class of each image (records in index order) and the class count.
 
-    Train: the image index when no record has a label, else the rank of the record's
-    person id among the split's sorted distinct ids. Val and test: the image index.
+    The image index when no record has a label; else (CUHK-PEDES person ids) the rank of
+    the record's person id among the split's sorted distinct ids, in every split, so that
+    person-search evaluation can match any image of the same person.
     Raises:
-      DataFormatError: a train split where only some records have a person id.
+      DataFormatError: a split where only some records have a person id.
     """
-    if split != "train" or all(record.label is None for record in records):
+    if all(record.label is None for record in records):
         return list(range(len(records))), len(records)
     unlabelled = [record for record in records if record.label is None]
     if unlabelled:
         raise DataFormatError(
-            f"{unlabelled[0].path}: no person id, while other train images have one"
+            f"{unlabelled[0].path}: no person id, while other {split} images have one"
         )
     person_ids = sorted({record.label for record in records}, key=_person_id_order)
     dense_id = {person_id: class_id for class_id, person_id in enumerate(person_ids)}

@@ -20,6 +20,7 @@ DONE_MARKER = "done"
 BEST_DIR = "best"
 RESULTS_NAME = "results.json"
 MODEL_CONFIG_NAME = "model_config.json"
+RUN_FLAGS_NAME = "flags.json"
 CHECKPOINT_CHOICES = ("best", "last")
 STAGES = (1, 2)
 
@@ -39,7 +40,23 @@ def write_run_flags(model_dir: str, flagfile_text: str, values: dict) -> None:
     with tf.io.gfile.GFile(tmp_path, "w") as output:
         output.write(flagfile_text)
     tf.io.gfile.rename(tmp_path, os.path.join(model_dir, "flags.txt"), overwrite=True)
-    write_json_atomically(os.path.join(model_dir, "flags.json"), values)
+    write_json_atomically(os.path.join(model_dir, RUN_FLAGS_NAME), values)
+
+
+def read_run_flags(model_dir: str) -> dict:
+    """model_dir/flags.json as a dict, or {} when the run has none (a run not started by
+    experiments/train.py). Raises ValueError naming the file when it cannot be read."""
+    path = os.path.join(model_dir, RUN_FLAGS_NAME)
+    if not tf.io.gfile.exists(path):
+        return {}
+    try:
+        with tf.io.gfile.GFile(path, "r") as flags_file:
+            values = json.loads(flags_file.read())
+    except (tf.errors.OpError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the run's flags: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the run's flags must be a JSON object")
+    return values
 
 
 def save_model_config(model_dir: str, config: DualPathConfig) -> None:

@@ -13,8 +13,9 @@ Two kinds of shard per split, written by `data_prep.build_shards`:
   length), `caption/text` (the raw UTF-8 caption), `caption/id` (position 0..M-1 in
   its split), `image/index` (its image) and `image/class/label` (its instance class).
 
-The instance class is the image's index among the training images (one class per
-image), or the person id for CUHK-PEDES; in val and test splits it is the image index.
+The instance class is the image's index in its split (one class per image), or, for
+CUHK-PEDES, a dense person id (0..K-1 in sorted id order within the split) shared by that
+person's images; evaluation uses the latter to match any image of the same person.
 """
 import os
 

@@ -30,7 +30,6 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from dual_path import embeddings, export, input_pipeline, protocols, run_layout
-from experiments.export import RUN_FLAGS_NAME, read_run_flags
 
 FLAGS = flags.FLAGS
 
@@ -85,13 +84,13 @@ class Encoders(NamedTuple):
 def restore_encoders(model_dir: str, which: str) -> Encoders:
     """The run's model (`run_layout.restore`), defaults from its flags.json."""
     model, checkpoint = run_layout.restore(model_dir, which)
-    run_flags = read_run_flags(model_dir)
+    run_flags = run_layout.read_run_flags(model_dir)
     defaults = {name: run_flags[run_flag] for name, run_flag in (
         ("shard_dir", "shard_dir"), ("flip_images", "eval_flip_images"),
         ("shift_texts", "eval_shift_texts")) if run_flag in run_flags}
     return Encoders(model.image_encoder, model.text_encoder, False, model.config.image_size,
                     model.config.max_length, {"model_dir": model_dir, "checkpoint": checkpoint},
-                    defaults, os.path.join(model_dir, RUN_FLAGS_NAME))
+                    defaults, os.path.join(model_dir, run_layout.RUN_FLAGS_NAME))
 
 
 class SignatureEncoder:

@@ -11,7 +11,6 @@ eval_shift_texts (the dataset's evaluation settings: no flip where captions say 
 Without flags.json, --shard_dir is required and flip/shift take the trainer's defaults.
 """
 import dataclasses
-import json
 import os
 import sys
 
@@ -21,7 +20,6 @@ from absl import app, flags, logging
 from dual_path import export, run_layout, training
 
 FLAGS = flags.FLAGS
-RUN_FLAGS_NAME = "flags.json"
 
 
 def define_flags() -> None:
@@ -42,19 +40,6 @@ def define_flags() -> None:
     flags.mark_flag_as_required("model_dir")
 
 
-def read_run_flags(model_dir: str) -> dict:
-    """model_dir/flags.json as a dict, or {} when the run has none."""
-    path = os.path.join(model_dir, RUN_FLAGS_NAME)
-    if not tf.io.gfile.exists(path):
-        return {}
-    try:
-        with tf.io.gfile.GFile(path, "r") as flags_file:
-            values = json.loads(flags_file.read())
-    except (tf.errors.OpError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise app.UsageError(f"{path}: cannot read the run's flags: {error}") from error
-    if not isinstance(values, dict):
-        raise app.UsageError(f"{path}: the run's flags must be a JSON object")
-    return values
 
 
 def _setting(name: str, run_flags: dict, run_flag: str):
@@ -62,23 +47,26 @@ def _setting(name: str, run_flags: dict, run_flag: str):
     if FLAGS[name].value is not None:
         return FLAGS[name].value
     if run_flag in run_flags:
-        logging.info("--%s=%s from the run's %s", name, run_flags[run_flag], RUN_FLAGS_NAME)
+        logging.info("--%s=%s from the run's %s", name, run_flags[run_flag], run_layout.RUN_FLAGS_NAME)
         return bool(run_flags[run_flag])
     default = next(field.default for field in dataclasses.fields(training.TrainConfig)
                    if field.name == run_flag)
     logging.warning("--%s not given and no %s in the run's %s: using the trainer's default %s",
-                    name, run_flag, RUN_FLAGS_NAME, default)
+                    name, run_flag, run_layout.RUN_FLAGS_NAME, default)
     return default
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run_flags = read_run_flags(FLAGS.model_dir)
+    try:
+        run_flags = run_layout.read_run_flags(FLAGS.model_dir)
+    except ValueError as error:
+        sys.exit(f"export failed: {error}")
     shard_dir = FLAGS.shard_dir or run_flags.get("shard_dir")
     if not shard_dir:
-        raise app.UsageError(f"--shard_dir is required: {FLAGS.model_dir} has no {RUN_FLAGS_NAME} "
-                             "naming the run's shard_dir")
+        raise app.UsageError(f"--shard_dir is required: {FLAGS.model_dir} has no "
+                             f"{run_layout.RUN_FLAGS_NAME} naming the run's shard_dir")
     try:
         result = export.export_run(
             FLAGS.model_dir, shard_dir=shard_dir, checkpoint=FLAGS.checkpoint,

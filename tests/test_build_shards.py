@@ -175,7 +175,7 @@ def test_strict_stops_on_a_reader_skip_and_an_empty_caption(source, tmp_path):
 
 
 def test_person_ids_become_dense_sorted_classes(tmp_path):
-    paths = [_jpeg(tmp_path / f"p{i}.jpg", i) for i in range(6)]
+    paths = [_jpeg(tmp_path / f"p{i}.jpg", i) for i in range(7)]
     records = [
         ImageRecord("p0", paths[0], "train", ["a man in red"], label="10"),
         ImageRecord("p1", paths[1], "train", ["a man in red"], label="2"),
@@ -183,6 +183,7 @@ def test_person_ids_become_dense_sorted_classes(tmp_path):
         ImageRecord("p3", paths[3], "train", ["a man"], label="2"),
         ImageRecord("p4", paths[4], "test", ["a woman"], label="11"),
         ImageRecord("p5", paths[5], "test", ["a man"], label="11"),
+        ImageRecord("p6", paths[6], "test", ["a man"], label="3"),
     ]
     manifest = _build(SourceDataset("cuhk", records, max_length=56), tmp_path / "shards")
     assert manifest["num_classes"] == 3
@@ -190,8 +191,11 @@ def test_person_ids_become_dense_sorted_classes(tmp_path):
     assert [row[shard_format.IMAGE_LABEL] for row in train] == [2, 0, 1, 0]
     captions = _rows(tmp_path / "shards", "train", shard_format.CAPTIONS)
     assert [row[shard_format.IMAGE_LABEL] for row in captions] == [2, 0, 1, 0]
+    # Evaluation splits keep person ids too (person search matches any image of the person).
     test = _rows(tmp_path / "shards", "test", shard_format.IMAGES)
-    assert [row[shard_format.IMAGE_LABEL] for row in test] == [0, 1]
+    assert [row[shard_format.IMAGE_LABEL] for row in test] == [1, 1, 0]
+    test_captions = _rows(tmp_path / "shards", "test", shard_format.CAPTIONS)
+    assert [row[shard_format.IMAGE_LABEL] for row in test_captions] == [1, 1, 0]
     records[0].label = None
     with pytest.raises(DataFormatError, match="p0.jpg: no person id"):
         build_shards.instance_labels(records[:4], "train")

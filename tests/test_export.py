@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import app
 from PIL import Image
 
 from dual_path import embeddings, export, input_pipeline, run_layout, shard_format, text
-from experiments import export as export_command
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "val"
@@ -282,10 +280,10 @@ def test_command_takes_its_defaults_from_the_runs_flags_json(trained_run, tmp_pa
     assert (export_dir / "saved_model.pb").exists()
 
 
-def test_command_reads_the_runs_flags_json_or_names_it_when_unreadable(tmp_path):
-    assert export_command.read_run_flags(str(tmp_path)) == {}
+def test_the_runs_flags_json_is_read_or_named_when_unreadable(tmp_path):
+    assert run_layout.read_run_flags(str(tmp_path)) == {}
     (tmp_path / "flags.json").write_text('{"shard_dir": "/data/shards"}')
-    assert export_command.read_run_flags(str(tmp_path)) == {"shard_dir": "/data/shards"}
+    assert run_layout.read_run_flags(str(tmp_path)) == {"shard_dir": "/data/shards"}
     (tmp_path / "flags.json").write_text('{"shard_dir": ')
-    with pytest.raises(app.UsageError, match=f"{tmp_path / 'flags.json'}: cannot read the run's flags"):
-        export_command.read_run_flags(str(tmp_path))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'flags.json'}: cannot read the run's flags"):
+        run_layout.read_run_flags(str(tmp_path))
