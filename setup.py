@@ -36,6 +36,7 @@ setuptools.setup(
             "dual-path-demo=experiments.demo:run",
             "dual-path-train=experiments.train:run",
             "dual-path-export=experiments.export:run",
+            "dual-path-search=experiments.search:run",
             "dual-path-evaluate=experiments.evaluate:run",
         ],
     },
