@@ -198,10 +198,18 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its line break) for each line of text."""
+def content_lines(path: str, text: str, collector: "RecordCollector") -> Iterator[tuple[str, str]]:
+    """("path:line_number", line) for each non-blank line of a file's text, without its line
+    break; a line with undecodable bytes is skipped (NOT_UTF8) through the collector."""
     for line_number, line in enumerate(text.split("\n"), start=1):
-        yield line_number, line.removesuffix("\r")
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        item = f"{path}:{line_number}"
+        if not is_utf8(line):
+            collector.skip(item, NOT_UTF8)
+            continue
+        yield item, line
 
 
 def load_json(path: str, top_level_type: type) -> Any:

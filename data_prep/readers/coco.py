@@ -26,17 +26,15 @@ from data_prep.readers import (
     DUPLICATE_FILE_NAME,
     DUPLICATE_IMAGE_ID,
     LISTED_IMAGE_WITHOUT_CAPTIONS,
-    NOT_UTF8,
     OUTSIDE_IMAGE_ROOT,
     UNKNOWN_SPLIT,
     RecordCollector,
     canonical_split,
     check_split_argument,
     comma_list,
+    content_lines,
     default_image_root,
-    is_utf8,
     load_json,
-    numbered_lines,
     path_under_root,
     read_text,
     require_fields,
@@ -81,13 +79,7 @@ def read(
     for path, content in zip(caption_paths, contents):
         _add_captions(path, content["annotations"], captions_by_id, collector)
 
-    for line_number, line in numbered_lines(split_text):
-        if not line.strip():
-            continue
-        item = f"{split_files}:{line_number}"
-        if not is_utf8(line):
-            collector.skip(item, NOT_UTF8)
-            continue
+    for item, line in content_lines(split_files, split_text, collector):
         fields = line.split()
         if len(fields) != 2:
             raise DataFormatError(f"{item}: expected '<split> <file_name>', got {line[:80]!r}")

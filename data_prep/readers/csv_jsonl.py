@@ -20,17 +20,17 @@ import json
 import os
 
 from data_prep.readers import (
-    NO_IMAGE_PATH,
     NOT_UTF8,
+    NO_IMAGE_PATH,
     OUTSIDE_IMAGE_ROOT,
     SPLIT_CONFLICT,
     UNKNOWN_SPLIT,
     RecordCollector,
     canonical_split,
     check_split_argument,
+    content_lines,
     default_image_root,
     is_utf8,
-    numbered_lines,
     path_under_root,
     read_text,
     require_fields,
@@ -39,8 +39,8 @@ from data_prep.records import DataFormatError, ImageRecord, SourceDataset
 
 FILE_FORMATS = ("csv", "jsonl")
 
-# (line number, image path as written, caption, split or None)
-_Row = tuple[int, str, str, str | None]
+# ("file:line" of the row, image path as written, caption, split or None)
+_Row = tuple[str, str, str, str | None]
 
 
 def read(
@@ -69,8 +69,7 @@ def read(
     rows = _csv_rows(captions, text, collector) if file_format == "csv" else _jsonl_rows(captions, text, collector)
     root = image_root or default_image_root(captions)
     records_by_path: dict[str, ImageRecord] = {}
-    for line_number, image, caption, split_name in rows:
-        item = f"{captions}:{line_number}"
+    for item, image, caption, split_name in rows:
         split = canonical_split(split_name or default_split)
         if split is None:
             collector.skip(item, UNKNOWN_SPLIT, repr(split_name))
@@ -117,20 +116,14 @@ def _csv_rows(path: str, text: str, collector: RecordCollector) -> list[_Row]:
         if len(fields) != len(header):
             raise DataFormatError(f"{item}: {len(fields)} fields, the header has {len(header)}")
         split = fields[split_column].strip() if split_column is not None else None
-        rows.append((reader.line_num, fields[image_column], fields[caption_column], split))
+        rows.append((f"{path}:{reader.line_num}", fields[image_column], fields[caption_column], split))
     return rows
 
 
 def _jsonl_rows(path: str, text: str, collector: RecordCollector) -> list[_Row]:
     """The rows of a JSONL file's text, one JSON object a line, all checked before use."""
     rows = []
-    for line_number, line in numbered_lines(text):
-        if not line.strip():
-            continue
-        item = f"{path}:{line_number}"
-        if not is_utf8(line):
-            collector.skip(item, NOT_UTF8)
-            continue
+    for item, line in content_lines(path, text, collector):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
@@ -139,5 +132,5 @@ def _jsonl_rows(path: str, text: str, collector: RecordCollector) -> list[_Row]:
         split = row.get("split")
         if split is not None and not isinstance(split, str):
             raise DataFormatError(f"{item}: 'split' should be a string")
-        rows.append((line_number, row["image"], row["caption"], split))
+        rows.append((item, row["image"], row["caption"], split))
     return rows

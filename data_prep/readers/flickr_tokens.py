@@ -14,13 +14,11 @@ from typing import Mapping
 from data_prep.readers import (
     DUPLICATE_CAPTION_ID,
     LISTED_IMAGE_WITHOUT_CAPTIONS,
-    NOT_UTF8,
     OUTSIDE_IMAGE_ROOT,
     SPLITS,
     RecordCollector,
+    content_lines,
     default_image_root,
-    is_utf8,
-    numbered_lines,
     path_under_root,
     read_text,
     split_file_paths,
@@ -54,14 +52,8 @@ def read(
     for split in SPLITS:
         if split not in split_paths:
             continue
-        for line_number, line in numbered_lines(split_texts[split]):
+        for item, line in content_lines(split_paths[split], split_texts[split], collector):
             file_name = line.strip()
-            if not file_name:
-                continue
-            item = f"{split_paths[split]}:{line_number}"
-            if not is_utf8(file_name):
-                collector.skip(item, NOT_UTF8)
-                continue
             image_captions = captions_by_image.get(file_name)
             if image_captions is None:
                 collector.skip(item, LISTED_IMAGE_WITHOUT_CAPTIONS, file_name)
@@ -78,13 +70,7 @@ def _captions_by_image(path: str, text: str, collector: RecordCollector) -> dict
     """Image file name -> its usable captions, in file order, from a token file's text."""
     captions_by_image: dict[str, list[str]] = {}
     caption_keys = set()
-    for line_number, line in numbered_lines(text):
-        if not line.strip():
-            continue
-        item = f"{path}:{line_number}"
-        if not is_utf8(line):
-            collector.skip(item, NOT_UTF8)
-            continue
+    for item, line in content_lines(path, text, collector):
         caption_key, tab, caption = line.partition("\t")
         file_name, hash_mark, _ = caption_key.rpartition("#")
         if not tab or not hash_mark or not file_name:
