@@ -22,6 +22,7 @@ setuptools.setup(
         "absl-py",
         "tensorflow-datasets",
         "tensorboard",
+        "pillow",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],

@@ -643,7 +643,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
 
     With config.mixed_precision the global Keras dtype policy is mixed_float16
     (mixed_bfloat16 on TPU) while the model is built and trained, and restored afterwards.
+    The initial weights come from config.seed, like the data order and augmentation.
     """
+    keras.utils.set_random_seed(config.seed)
     strategy = strategy or tf.distribute.get_strategy()
     previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:

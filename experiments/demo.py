@@ -31,7 +31,9 @@ def define_flags() -> None:
 
 def _run(command: list[str]) -> None:
     print("\n$ " + " ".join(shlex.quote(part) for part in command), flush=True)
-    completed = subprocess.run(command, check=False)
+    # TensorFlow's C++ INFO lines (oneDNN, CPU features) say nothing about the run.
+    environment = {"TF_CPP_MIN_LOG_LEVEL": "1", **os.environ}
+    completed = subprocess.run(command, check=False, env=environment)
     if completed.returncode != 0:
         sys.exit(f"dual-path-demo: step failed with exit code {completed.returncode}: {command[2]}")
 

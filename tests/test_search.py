@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,7 +63,6 @@ def setup(tmp_path_factory) -> SearchSetup:
         stage=1, epochs=EPOCHS, lr_values=(0.02,), lr_boundaries=(),
         loss_weights=training.LossWeights.parse("1:1:1"), train_backbone=True)
     model_dir = str(root / "run")
-    keras.utils.set_random_seed(0)  # the initial weights; the rest is seeded by the trainer
     training.train(training.TrainConfig(
         model_dir=model_dir, shard_dir=shard_dir, model=model, stages=[stage], batch_size=16,
         flip="off", log_every_steps=1000, validate_every_epochs=EPOCHS, eval_flip_images=False,

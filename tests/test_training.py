@@ -230,3 +230,17 @@ def test_restored_model_reproduces_the_final_results(shard_dir, tmp_path):
                                      flip_images=False)(shard_dir, "val")
     metrics = evaluation.retrieval_metrics(split.image @ split.text.T, split.image_of_text)
     assert metrics == pytest.approx(results["metrics"]["val"])
+
+
+def test_same_seed_same_model(shard_dir, tmp_path):
+    """config.seed fixes the initial weights too, not only the data order: two runs with
+    the same seed end with identical weights."""
+    finals = []
+    for run in ("first", "second"):
+        results = training.train(tiny_config(shard_dir, str(tmp_path / run), [stage(1)], seed=3))
+        finals.append({name: tf.train.load_variable(results["checkpoint"], name)
+                       for name, _ in tf.train.list_variables(results["checkpoint"])
+                       if name.startswith("model/")})
+    assert finals[0].keys() == finals[1].keys() and finals[0]
+    for name, value in finals[0].items():
+        np.testing.assert_array_equal(value, finals[1][name], err_msg=name)

@@ -1,17 +1,18 @@
 """Times the data path side by side on the same images (run by hand, not a test).
 
-For the first --max_images train images of a raw dataset (default: ../shared's Flickr8k),
-in one run:
+For the images of a raw dataset (default: ../shared's Flickr8k, train + dev, 7,000 images;
+--max_images keeps the first ones, train first), in one run:
 
 1. raw JPEG decode: tf.io.read_file + tf.io.decode_jpeg of the image files in tf.data
    with AUTOTUNE parallelism (after one untimed pass that also warms the page cache);
-2. shard building: `data_prep.build_shards.build_shards` of those images (train split)
+2. shard building: `data_prep.build_shards.build_shards` of those images (all their splits)
    into an empty shard folder, end to end: the one decode check of every image, the
    vocabulary, word2vec training (--embedding_dim) and init matrix, the shard writing;
    the word2vec training is then timed again on its own, to show its share;
 3. training input: `dual_path.input_pipeline.train_dataset` over the shards just
    written (random crop decode, resize, flip, caption choice), after --warmup_batches.
 
+    python -m experiments.benchmarks.data_pipeline
     python -m experiments.benchmarks.data_pipeline --max_images=500
     python -m experiments.benchmarks.data_pipeline --source_format=karpathy \\
         --captions=dataset_flickr30k.json --split_files= \\
@@ -48,7 +49,7 @@ def _parse_args() -> argparse.Namespace:
                         default="train=" + str(SHARED_FLICKR8K / "Flickr8k_text" / "Flickr_8k.trainImages.txt"),
                         help="split lists (flickr_tokens, coco); '' for formats that carry their splits")
     parser.add_argument("--shard_dir", help="empty folder for the shards (kept); default: a temporary one, removed")
-    parser.add_argument("--max_images", type=int, default=500, help="train images timed in every stage")
+    parser.add_argument("--max_images", type=int, help="images timed in every stage; default: all")
     parser.add_argument("--num_workers", type=int, help="build_shards worker processes; default: one per CPU")
     parser.add_argument("--embedding_dim", type=int, default=build_shards.DEFAULT_EMBEDDING_DIM,
                         help="word2vec size in build_shards")
@@ -57,7 +58,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup_batches", type=int, default=3, help="train_dataset batches left out of the timing")
     parser.add_argument("--timed_batches", type=int, default=20, help="train_dataset batches timed")
     args = parser.parse_args()
-    for name in ("max_images", "embedding_dim", "batch_size", "image_size", "timed_batches"):
+    if args.max_images is not None and args.max_images < 1:
+        parser.error("--max_images must be at least 1")
+    for name in ("embedding_dim", "batch_size", "image_size", "timed_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.warmup_batches < 0 or (args.num_workers is not None and args.num_workers < 1):
@@ -65,9 +68,11 @@ def _parse_args() -> argparse.Namespace:
     return args
 
 
-def _train_subset(source: SourceDataset, max_images: int) -> SourceDataset:
-    records = source.split("train")[:max_images]
-    if not records:
+def _subset(source: SourceDataset, max_images: int | None) -> SourceDataset:
+    """The first max_images records (all for None), train first: shards need a train split."""
+    ordered = sorted(source.records, key=lambda record: shard_format.SPLITS.index(record.split))
+    records = ordered[:max_images]
+    if not records or records[0].split != "train":
         sys.exit(f"{source.name}: the source has no train images")
     return SourceDataset(name=source.name, records=records, max_length=source.max_length)
 
@@ -88,12 +93,12 @@ def time_jpeg_decode(paths: Sequence[str]) -> float:
 
 
 def time_build_shards(args: argparse.Namespace, source: SourceDataset, shard_dir: str) -> tuple[float, dict]:
-    """Seconds of one build_shards call on the train split, and its manifest."""
+    """Seconds of one build_shards call on the source's splits, and its manifest."""
     start = time.perf_counter()
     manifest = build_shards.build_shards(
         source,
         shard_dir,
-        splits=("train",),
+        splits=sorted({record.split for record in source.records}, key=shard_format.SPLITS.index),
         num_workers=args.num_workers,
         embedding_dim=args.embedding_dim,
         source_format=args.source_format,
@@ -104,7 +109,7 @@ def time_build_shards(args: argparse.Namespace, source: SourceDataset, shard_dir
 
 def time_word2vec(args: argparse.Namespace, source: SourceDataset) -> float:
     """Seconds of the word2vec training that build_shards does on the same captions."""
-    token_lists = [text.tokenize(caption) for record in source.records for caption in record.captions]
+    token_lists = [text.tokenize(caption) for record in source.split("train") for caption in record.captions]
     start = time.perf_counter()
     word2vec.train_word2vec(token_lists, dim=args.embedding_dim, seed=0)
     return time.perf_counter() - start
@@ -136,7 +141,7 @@ def main() -> None:
         )
     except (DataFormatError, ValueError) as error:
         sys.exit(f"data_pipeline: error: {error}")
-    subset = _train_subset(source, args.max_images)
+    subset = _subset(source, args.max_images)
     num_images = len(subset.records)
 
     shard_dir = args.shard_dir or tempfile.mkdtemp(prefix="dual_path_benchmark_")
@@ -151,10 +156,12 @@ def main() -> None:
         if not args.shard_dir:
             shutil.rmtree(shard_dir, ignore_errors=True)
 
-    written = manifest["splits"]["train"]
+    splits = manifest["splits"]
+    written = {count: sum(split[count] for split in splits.values()) for count in ("images", "captions")}
     print(
-        f"\n{num_images} train images of {source.name} ({written['captions']} captions), "
-        f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}"
+        f"\n{num_images} images of {source.name} ("
+        + ", ".join(f"{name} {split['images']}" for name, split in splits.items())
+        + f"; {written['captions']} captions), {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}"
     )
     print(f"{'stage':<56}{'count':>7} {'':<9}{'seconds':>9}{'per second':>12}")
     print(_row("raw JPEG: tf.io.read_file + decode_jpeg, tf.data AUTOTUNE", num_images, "images", decode_seconds))
@@ -162,7 +169,7 @@ def main() -> None:
         f"build_shards: check, vocab, word2vec {args.embedding_dim}-d, write",
         written["images"], "images", build_seconds,
     ))
-    print(_row("  of which word2vec training (timed again on its own)", written["images"], "images",
+    print(_row("  of which word2vec training on train captions (timed alone)", written["images"], "images",
                word2vec_seconds))
     print(_row(
         f"train_dataset: batch {args.batch_size}, {args.image_size} px, crop + flip",
