@@ -15,6 +15,8 @@ Images are streamed from their shards.
 Determinism: every random choice in `train_dataset` is a stateless op whose seed is derived
 from (seed, the element's position in the repeated stream), so batches depend only on the
 seed, not on thread scheduling (with deterministic=True, which also fixes element order).
+The shuffles are tf.data's, whose order comes from the seed together with TensorFlow's global
+seed: the trainer sets both from --seed (`keras.utils.set_random_seed`).
 
 Images come out as float32 in 0..255 with no model-specific normalisation: the model does that.
 """
