@@ -46,7 +46,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--image_root", default=str(SHARED_FLICKR8K / "Flicker8k_Dataset"),
                         help="image folder of the raw dataset")
     parser.add_argument("--split_files",
-                        default="train=" + str(SHARED_FLICKR8K / "Flickr8k_text" / "Flickr_8k.trainImages.txt"),
+                        default=",".join(f"{split}={SHARED_FLICKR8K / 'Flickr8k_text' / f'Flickr_8k.{split}Images.txt'}"
+                                         for split in ("train", "dev")),
                         help="split lists (flickr_tokens, coco); '' for formats that carry their splits")
     parser.add_argument("--shard_dir", help="empty folder for the shards (kept); default: a temporary one, removed")
     parser.add_argument("--max_images", type=int, help="images timed in every stage; default: all")
@@ -56,7 +57,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32, help="train_dataset batch size")
     parser.add_argument("--image_size", type=int, default=224, help="train_dataset image side in pixels")
     parser.add_argument("--warmup_batches", type=int, default=3, help="train_dataset batches left out of the timing")
-    parser.add_argument("--timed_batches", type=int, default=20, help="train_dataset batches timed")
+    parser.add_argument("--timed_batches", type=int, default=100, help="train_dataset batches timed")
     args = parser.parse_args()
     if args.max_images is not None and args.max_images < 1:
         parser.error("--max_images must be at least 1")
