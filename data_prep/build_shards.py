@@ -17,9 +17,9 @@ Writes into --shard_dir, in this order:
 4. manifest.json, last: source, counts per split, what was skipped and why, what was
    converted, every shard's record count and sha256, and the command line.
 
-Labels: in train, an image without a person id is its own class (its index); person
-ids (CUHK-PEDES) become dense classes 0..K-1 in sorted id order. In val and test the
-label is the image index. A caption that encodes to no token is skipped.
+Labels: an image without a person id is its own class (its index in the split); person
+ids (CUHK-PEDES) become dense classes 0..K-1 in sorted id order, in every split. A caption
+that encodes to no token is skipped, and so is an image left with no caption.
 """
 import collections
 import io
@@ -46,6 +46,7 @@ STAGE_IMAGE = "image"
 STAGE_CAPTION = "caption"
 REASON_NO_WORDS = "caption has no words"
 REASON_NO_KNOWN_WORDS = "no word of the caption is in the vocabulary"
+REASON_NO_CAPTION_LEFT = "no caption of the image is left"
 
 
 def _person_id_order(person_id: str):
@@ -94,16 +95,18 @@ def _save_npy(path: str, matrix: np.ndarray) -> None:
 
 
 def _encode_captions(
-    kept: Sequence[tuple[ImageRecord, int]],
+    records: Sequence[ImageRecord],
     vocabulary: text.Vocabulary,
     max_length: int,
     oov: str,
     skipped: list[Skipped],
     strict: bool,
-) -> list[shard_writer.CaptionEntry]:
-    """Caption entries, ids 0..M-1 in image order; kept holds (record, label) by index."""
-    entries = []
-    for image_index, (record, label) in enumerate(kept):
+) -> list[list[tuple[tuple[int, ...], str]]]:
+    """Per record, its (token ids, raw caption) pairs; captions that encode to no token
+    are skipped (a record can be left with none)."""
+    encoded = []
+    for record in records:
+        usable = []
         for number, caption in enumerate(record.captions):
             tokens = text.tokenize(caption)
             token_ids = vocabulary.encode(tokens, max_length, oov)
@@ -111,10 +114,9 @@ def _encode_captions(
                 reason = REASON_NO_KNOWN_WORDS if tokens else REASON_NO_WORDS
                 skip_or_raise(skipped, f"{record.path} caption {number}", reason, strict)
                 continue
-            entries.append(
-                shard_writer.CaptionEntry(tuple(token_ids), caption, len(entries), image_index, label)
-            )
-    return entries
+            usable.append((tuple(token_ids), caption))
+        encoded.append(usable)
+    return encoded
 
 
 def _skip_items(stage: str, skipped: Sequence[Skipped]) -> list[dict]:
@@ -227,6 +229,9 @@ def build_shards(
     image_skips = {split: [] for split in splits}
     caption_skips = {split: [] for split in splits}
     tf.io.gfile.makedirs(shard_dir)
+    # An earlier build's manifest must not describe this build's half-written files.
+    if tf.io.gfile.exists(shard_format.manifest_path(shard_dir)):
+        tf.io.gfile.remove(shard_format.manifest_path(shard_dir))
     with shard_writer.WorkerPool(num_workers) as pool:
         start = time.monotonic()
         kept_checks = _check_images(records, shard_dir, pool, image_skips, strict)
@@ -240,13 +245,23 @@ def build_shards(
 
         tasks, counts, num_classes = [], {}, 0
         for split in splits:
-            kept_records = [record for _, record, _ in kept_checks[split]]
-            labels, split_classes = instance_labels(kept_records, split)
+            encoded = _encode_captions(
+                [record for _, record, _ in kept_checks[split]],
+                vocabulary, max_length, oov, caption_skips[split], strict,
+            )
+            for (_, record, _), captions in zip(kept_checks[split], encoded):
+                if not captions:
+                    skip_or_raise(image_skips[split], record.path, REASON_NO_CAPTION_LEFT, strict)
+            kept_checks[split] = [kept for kept, captions in zip(kept_checks[split], encoded) if captions]
+            encoded = [captions for captions in encoded if captions]
+            labels, split_classes = instance_labels([record for _, record, _ in kept_checks[split]], split)
             num_classes = split_classes if split == "train" else num_classes
             image_entries = _image_entries(split, kept_checks[split], labels, shard_dir)
-            caption_entries = _encode_captions(
-                list(zip(kept_records, labels)), vocabulary, max_length, oov, caption_skips[split], strict
-            )
+            caption_entries = []
+            for image_index, captions in enumerate(encoded):
+                for token_ids, caption in captions:
+                    caption_entries.append(shard_writer.CaptionEntry(
+                        token_ids, caption, len(caption_entries), image_index, labels[image_index]))
             tasks += shard_writer.plan_image_shards(shard_dir, split, image_entries, num_image_shards)
             tasks += shard_writer.plan_caption_shards(shard_dir, split, caption_entries, num_caption_shards)
             counts[split] = {

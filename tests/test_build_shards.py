@@ -280,3 +280,34 @@ def test_flickr8k_subset_through_the_cli(tmp_path):
     assert val_images[0][shard_format.IMAGE_FILENAME].decode() == first_val
     assert val_images[0][shard_format.IMAGE_ENCODED] == (FLICKR8K / "Flicker8k_Dataset" / first_val).read_bytes()
     assert len(_rows(shard_dir, "val", shard_format.CAPTIONS)) == manifest["splits"]["val"]["captions"]
+
+
+def test_an_image_left_without_captions_is_skipped(source, tmp_path):
+    """An image whose every caption encodes to nothing is left out, so that the image
+    indices of the split stay those of images that have captions (the pipeline needs it)."""
+    root = tmp_path / "images"
+    middle = ImageRecord("v2", _jpeg(root / "v2.jpg", 6), "val", ["okapi !"])
+    records = source.records[:-1] + [middle, source.records[-1]]
+    shard_dir = tmp_path / "shards"
+    manifest = _build(SourceDataset("tiny", records, source.skipped, max_length=3), shard_dir)
+    items = {(item["stage"], item["item"], item["reason"]) for item in manifest["skipped"]["items"]}
+    assert ("image", str(root / "v2.jpg"), build_shards.REASON_NO_CAPTION_LEFT) in items
+    assert manifest["splits"]["val"]["images"] == 2
+    val_images = _rows(shard_dir, "val", shard_format.IMAGES)
+    assert [row[shard_format.IMAGE_SOURCE_ID] for row in val_images] == [b"v0", b"v1"]
+    val_captions = _rows(shard_dir, "val", shard_format.CAPTIONS)
+    assert [row[shard_format.IMAGE_INDEX] for row in val_captions] == [0, 1]
+    assert [row[shard_format.CAPTION_ID] for row in val_captions] == [0, 1]
+
+
+def test_a_rebuild_removes_the_old_manifest_first(source, tmp_path, monkeypatch):
+    shard_dir = tmp_path / "shards"
+    _build(source, shard_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shard_writer, "write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _build(source, shard_dir, min_word_count=2)
+    assert not (shard_dir / shard_format.MANIFEST_NAME).exists()
