@@ -345,6 +345,24 @@ def train_dataset(
         .prefetch(tf.data.AUTOTUNE)
     )
 
+def read_caption_texts(shard_dir: str, split: str) -> tuple[list[str], np.ndarray]:
+    """The split's raw captions in caption-id order and the image index of each (int32 [M])."""
+    files = shard_format.shard_files(shard_dir, split, shard_format.CAPTIONS)
+    texts, caption_ids, image_index = [], [], []
+    for path in files:
+        try:
+            for serialized in tf.data.TFRecordDataset(path):
+                caption = shard_format.parse_caption_example(serialized)
+                texts.append(caption[shard_format.CAPTION_TEXT].numpy().decode("utf-8"))
+                caption_ids.append(int(caption[shard_format.CAPTION_ID]))
+                image_index.append(int(caption[shard_format.IMAGE_INDEX]))
+        except tf.errors.OpError as error:
+            raise ValueError(f"{path}: unreadable caption shard: {error.message}") from error
+    if not texts:
+        raise ValueError(f"{shard_dir} ({split}): the caption shards hold no captions")
+    order = np.argsort(caption_ids, kind="stable")
+    return [texts[i] for i in order], np.array(image_index, np.int32)[order]
+
 
 def eval_image_dataset(shard_dir: str, split: str, *, batch_size: int, image_size: int) -> tf.data.Dataset:
     """Every image of a split once, in index order, whole (no crop, no flip) and resized.

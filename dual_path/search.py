@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
-from dual_path import export, shard_format, text
+from dual_path import export, input_pipeline, shard_format, text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_BATCH_SIZE = 64
@@ -231,23 +231,6 @@ def _image_records(shard_dir: str, split: str, batch_size: int) -> tf.data.Datas
     return tf.data.TFRecordDataset(files).map(shard_format.parse_image_example).batch(batch_size)
 
 
-def read_shard_captions(shard_dir: str, split: str) -> tuple[list[str], np.ndarray]:
-    """The split's raw captions in caption-id order and the image index of each (int32 [M])."""
-    files = shard_format.shard_files(shard_dir, split, shard_format.CAPTIONS)
-    texts, caption_ids, image_index = [], [], []
-    for path in files:
-        try:
-            for serialized in tf.data.TFRecordDataset(path):
-                caption = shard_format.parse_caption_example(serialized)
-                texts.append(caption[shard_format.CAPTION_TEXT].numpy().decode("utf-8"))
-                caption_ids.append(int(caption[shard_format.CAPTION_ID]))
-                image_index.append(int(caption[shard_format.IMAGE_INDEX]))
-        except tf.errors.OpError as error:
-            raise ValueError(f"{path}: unreadable caption shard: {error.message}") from error
-    if not texts:
-        raise ValueError(f"{shard_dir} ({split}): the caption shards hold no captions")
-    order = np.argsort(caption_ids, kind="stable")
-    return [texts[i] for i in order], np.array(image_index, np.int32)[order]
 
 
 def index_shards(encoders: Encoders, shard_dir: str, split: str,
@@ -267,7 +250,7 @@ def index_shards(encoders: Encoders, shard_dir: str, split: str,
         names.extend(name.decode("utf-8") for name in batch[shard_format.IMAGE_FILENAME].numpy())
         rows.append(encoders.images(batch[shard_format.IMAGE_ENCODED]))
         logging.info("embedded %d images of %s (%s)", len(names), shard_dir, split)
-    captions, caption_image = read_shard_captions(shard_dir, split)
+    captions, caption_image = input_pipeline.read_caption_texts(shard_dir, split)
     if len(caption_image) and caption_image.max() >= len(names):
         raise ValueError(f"{shard_dir} ({split}): a caption describes image index "
                          f"{caption_image.max()}, but the split has {len(names)} images")

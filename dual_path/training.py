@@ -180,28 +180,11 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-
-
-
-
-
-
-
-
-
-
 def _checkpoint_number(path: str) -> int:
     """N of a CheckpointManager path `.../ckpt-N` (the global step it was saved at)."""
     return int(path.rsplit("-", 1)[1])
 
 
-def _read_caption_texts(shard_dir: str, split: str) -> list[str]:
-    """Raw caption text of every caption of a split, by caption id."""
-    texts = {}
-    files = shard_format.shard_files(shard_dir, split, shard_format.CAPTIONS)
-    for record in tf.data.TFRecordDataset(files).map(shard_format.parse_caption_example):
-        texts[int(record[shard_format.CAPTION_ID])] = record[shard_format.CAPTION_TEXT].numpy().decode("utf-8")
-    return [texts[caption_id] for caption_id in range(len(texts))]
 
 
 def _read_images(shard_dir: str, split: str, indices: Sequence[int], size: int) -> dict:
@@ -276,9 +259,16 @@ class Trainer:
             max_length=config.model.max_length, flip_images=config.eval_flip_images,
             shift_texts=config.eval_shift_texts, strategy=self.strategy)
         self._last_validation = (None, None, None)
+        self._texts_by_split: dict[str, list[str]] = {}
         weights = self.model.training_model.weights
         self._weights_are_finite = tf.function(lambda: tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(weight)) for weight in weights]))
+
+    def _caption_texts(self, split: str) -> list[str]:
+        """The split's raw captions by caption id, read from its shards once per run."""
+        if split not in self._texts_by_split:
+            self._texts_by_split[split] = input_pipeline.read_caption_texts(self.config.shard_dir, split)[0]
+        return self._texts_by_split[split]
 
     def _has_split(self, split: str) -> bool:
         try:
@@ -562,7 +552,7 @@ class Trainer:
         query = 0
         top = np.argsort(-similarity[:, query], kind="stable")[:RETRIEVAL_EXAMPLE_TOP_K]
         truth = int(split_embeddings.image_of_text[query])
-        caption = _read_caption_texts(self.config.shard_dir, split)[query]
+        caption = self._caption_texts(split)[query]
         images = _read_images(self.config.shard_dir, split, top, _THUMBNAIL)
         grid = retrieval_example_image(caption, [images[int(index)] for index in top],
                                        [int(index) == truth for index in top])
@@ -582,7 +572,7 @@ class Trainer:
             split_embeddings = self.split_embeddings(split)
         num_images = min(self.config.projector_images, len(split_embeddings.image))
         captions = np.flatnonzero(split_embeddings.image_of_text < num_images)
-        texts = _read_caption_texts(self.config.shard_dir, split)
+        texts = self._caption_texts(split)
         log_dir = os.path.join(self.config.model_dir, "logs", f"stage{stage}", "projector")
         tf.io.gfile.makedirs(log_dir)
         with tf.io.gfile.GFile(os.path.join(log_dir, "metadata.tsv"), "w") as metadata:
