@@ -157,6 +157,7 @@ def _image_entries(split, kept_checks, labels, shard_dir) -> list[shard_writer.I
                 width=check.width,
                 label=label,
                 index=index,
+                file_stamp=shard_writer.file_stamp(record.path),
             )
         )
     return entries

@@ -196,6 +196,14 @@ class ImageEntry(NamedTuple):
     width: int
     label: int
     index: int
+    file_stamp: str = ""
+    """Size and modification time of the source image file; not written, but part of the
+    shard digest, so that an image replaced in place rewrites its shard on a rerun."""
+
+
+def file_stamp(path: str) -> str:
+    stat = tf.io.gfile.stat(path)
+    return f"{stat.length}:{stat.mtime_nsec}"
 
 
 class CaptionEntry(NamedTuple):

@@ -311,3 +311,17 @@ def test_a_rebuild_removes_the_old_manifest_first(source, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _build(source, shard_dir, min_word_count=2)
     assert not (shard_dir / shard_format.MANIFEST_NAME).exists()
+
+
+def test_an_image_replaced_in_place_rewrites_its_shard(source, tmp_path):
+    shard_dir = tmp_path / "shards"
+    _build(source, shard_dir)
+    replaced = Path(source.records[0].path)
+    old_bytes = replaced.read_bytes()
+    new_bytes = tf.io.encode_jpeg(_pixels(99)).numpy()
+    assert new_bytes != old_bytes
+    replaced.write_bytes(new_bytes)
+    _build(source, shard_dir)
+    written = {row[shard_format.IMAGE_SOURCE_ID]: row[shard_format.IMAGE_ENCODED]
+               for row in _rows(shard_dir, "train", shard_format.IMAGES)}
+    assert written[b"a"] == new_bytes
