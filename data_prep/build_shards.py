@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from data_prep import images, readers, shard_writer, word2vec
 from data_prep.records import DataFormatError, ImageRecord, Skipped, SourceDataset, skip_or_raise
 from dual_path import shard_format, text
+from dual_path.atomic_write import write_atomically
 
 WORD2VEC_TRAIN = "train"
 DEFAULT_EMBEDDING_DIM = 300
@@ -91,24 +92,25 @@ def _load_word_vectors(word2vec_source: str, embedding_dim: int):
 def _save_npy(path: str, matrix: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, matrix)
-    shard_writer.write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 def _encode_captions(
     records: Sequence[ImageRecord],
+    tokenized: Sequence[Sequence[list[str]]],
     vocabulary: text.Vocabulary,
     max_length: int,
     oov: str,
     skipped: list[Skipped],
     strict: bool,
 ) -> list[list[tuple[tuple[int, ...], str]]]:
-    """Per record, its (token ids, raw caption) pairs; captions that encode to no token
-    are skipped (a record can be left with none)."""
+    """Per record, its (token ids, raw caption) pairs; tokenized holds each record's
+    tokenized captions. Captions that encode to no token are skipped (a record can be
+    left with none)."""
     encoded = []
-    for record in records:
+    for record, record_tokens in zip(records, tokenized):
         usable = []
-        for number, caption in enumerate(record.captions):
-            tokens = text.tokenize(caption)
+        for number, (caption, tokens) in enumerate(zip(record.captions, record_tokens)):
             token_ids = vocabulary.encode(tokens, max_length, oov)
             if not token_ids:
                 reason = REASON_NO_KNOWN_WORDS if tokens else REASON_NO_WORDS
@@ -237,9 +239,11 @@ def build_shards(
         start = time.monotonic()
         kept_checks = _check_images(records, shard_dir, pool, image_skips, strict)
         logging.info("checked %d images in %.1f s", sum(map(len, records.values())), time.monotonic() - start)
-        train_tokens = [
-            text.tokenize(caption) for _, record, _ in kept_checks["train"] for caption in record.captions
-        ]
+        tokenized = {
+            split: [[text.tokenize(caption) for caption in record.captions] for _, record, _ in kept]
+            for split, kept in kept_checks.items()
+        }
+        train_tokens = [tokens for record_tokens in tokenized["train"] for tokens in record_tokens]
         vocabulary = text.Vocabulary.build(train_tokens, min_word_count)
         if not vocabulary.words:
             raise DataFormatError(f"{source.name}: the train captions hold no words")
@@ -247,7 +251,7 @@ def build_shards(
         tasks, counts, num_classes = [], {}, 0
         for split in splits:
             encoded = _encode_captions(
-                [record for _, record, _ in kept_checks[split]],
+                [record for _, record, _ in kept_checks[split]], tokenized[split],
                 vocabulary, max_length, oov, caption_skips[split], strict,
             )
             for (_, record, _), captions in zip(kept_checks[split], encoded):
@@ -310,7 +314,7 @@ def build_shards(
         "shards": [{"file": info.file, "records": info.records, "sha256": info.sha256} for info in shard_infos],
         "command": command_line if command_line is not None else shlex.join(sys.argv),
     }
-    shard_writer.write_atomically(
+    write_atomically(
         shard_format.manifest_path(shard_dir), json.dumps(manifest, indent=2).encode("utf-8")
     )
     for reason, count in manifest["skipped"]["counts"].items():

@@ -31,10 +31,10 @@ import tensorflow as tf
 from data_prep import images
 from data_prep.records import ImageRecord
 from dual_path import shard_format
+from dual_path.atomic_write import TMP_SUFFIX, write_atomically
 
 CACHE_DIR_NAME = "build-cache"
 DIGESTS_NAME = "shard-digests.json"
-TMP_SUFFIX = ".tmp"
 # Images per task handed to a worker at a time in phase 1.
 MAX_CHECK_CHUNK = 64
 _HASH_BLOCK_BYTES = 1 << 20
@@ -42,14 +42,6 @@ _HASH_BLOCK_BYTES = 1 << 20
 
 def cache_dir(shard_dir: str) -> str:
     return os.path.join(shard_dir, CACHE_DIR_NAME)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Writes data to path.tmp, then renames it to path."""
-    tmp_path = path + TMP_SUFFIX
-    with tf.io.gfile.GFile(tmp_path, "wb") as out_file:
-        out_file.write(data)
-    tf.io.gfile.rename(tmp_path, path, overwrite=True)
 
 
 def _read_json(path: str):

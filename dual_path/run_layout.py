@@ -14,6 +14,7 @@ import os
 
 import tensorflow as tf
 
+from dual_path.atomic_write import write_atomically
 from dual_path.model import DualPath, DualPathConfig, build_dual_path
 
 DONE_MARKER = "done"
@@ -27,19 +28,13 @@ STAGES = (1, 2)
 
 def write_json_atomically(path: str, value) -> None:
     """Writes JSON to path.tmp, then renames it over path: readers see old or new, whole."""
-    tmp_path = path + ".tmp"
-    with tf.io.gfile.GFile(tmp_path, "w") as output:
-        output.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(tmp_path, path, overwrite=True)
+    write_atomically(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def write_run_flags(model_dir: str, flagfile_text: str, values: dict) -> None:
     """model_dir/flags.txt (an absl flagfile: rerun with --flagfile) and flags.json."""
     tf.io.gfile.makedirs(model_dir)
-    tmp_path = os.path.join(model_dir, "flags.txt.tmp")
-    with tf.io.gfile.GFile(tmp_path, "w") as output:
-        output.write(flagfile_text)
-    tf.io.gfile.rename(tmp_path, os.path.join(model_dir, "flags.txt"), overwrite=True)
+    write_atomically(os.path.join(model_dir, "flags.txt"), flagfile_text.encode("utf-8"))
     write_json_atomically(os.path.join(model_dir, RUN_FLAGS_NAME), values)
 
 

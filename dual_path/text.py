@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import tensorflow as tf
 
+from dual_path.atomic_write import write_atomically
+
 PAD_ID = 0
 UNK_ID = 1
 PAD_TOKEN = "<pad>"
@@ -92,11 +94,8 @@ class Vocabulary:
         return cls(words, counts)
 
     def save(self, path: str) -> None:
-        tmp_path = path + ".tmp"
-        with tf.io.gfile.GFile(tmp_path, "w") as vocab_file:
-            for word, count in zip(self.words, self.counts):
-                vocab_file.write(f"{word} {count}\n")
-        tf.io.gfile.rename(tmp_path, path, overwrite=True)
+        lines = "".join(f"{word} {count}\n" for word, count in zip(self.words, self.counts))
+        write_atomically(path, lines.encode("utf-8"))
 
     @property
     def size(self) -> int:
