@@ -29,7 +29,6 @@ the lr schedule), epoch. A non-finite loss stops the run (NonFiniteLossError) be
 anything is saved, so the last checkpoint stays the last good state.
 """
 import dataclasses
-import json
 import math
 import os
 import textwrap

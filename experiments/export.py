@@ -11,10 +11,8 @@ eval_shift_texts (the dataset's evaluation settings: no flip where captions say 
 Without flags.json, --shard_dir is required and flip/shift take the trainer's defaults.
 """
 import dataclasses
-import os
 import sys
 
-import tensorflow as tf
 from absl import app, flags, logging
 
 from dual_path import export, run_layout, training
