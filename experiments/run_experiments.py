@@ -1,0 +1,345 @@
+"""Named training runs per dataset (the main run and the ablation rows), each kept as one JSON record.
+
+    python -m experiments.run_experiments --dataset=synthetic --rows=all --workspace=workspace
+    python -m experiments.run_experiments --dataset=flickr8k --rows=main
+    python -m experiments.run_experiments --dataset=synthetic --rows=both \\
+        --extra_flags=--stage1_epochs=1          (a smoke run; the flags go into the record)
+
+Run it from the repository root (experiments/configs/flickr8k.flags names ../shared). A row is
+`experiments.train` on the dataset's flagfile, its ablation flagfile
+(experiments/configs/ablations/<dataset>.flags, ablation rows only) and the row's own flags.
+For each selected row, in order, the runner builds the dataset's shards if they are missing,
+trains in a subprocess with the output streamed to the console and <model_dir>/train.log, and
+writes <results_dir>/<dataset>-<row>.json:
+
+  {"dataset": "synthetic", "row": "ranking_only", "description": "...",
+   "command": "python -m experiments.train --flagfile=... ...",  (copy-pastable, paths relative
+                                                                    to the repository root)
+   "wall_seconds": 512.3, "finished": "2025-01-31T12:00:00+00:00",  (UTC)
+   "machine": {...},          (experiments.benchmarks.report.machine())
+   "resumed": false,          (true: the run continued an interrupted one with the same command,
+                               and wall_seconds counts only this part)
+   "results": {...}}          (the run's results.json: checkpoint, stage, metrics per split)
+
+Workspace layout: shards in <workspace>/<dataset>/shards/<dataset> (the synthetic raw data in
+<workspace>/synthetic/raw/synthetic, as `dual-path-demo --workspace=workspace/synthetic`
+writes them), runs in <workspace>/experiments/<dataset>/<row>, cached backbone features in
+<workspace>/<dataset>/feature_cache. A row with a record is skipped unless --rerun; a model_dir
+left by a different command (or any, with --rerun) is removed so the row trains from scratch;
+one with checkpoints of the same command is resumed by the trainer.
+"""
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from absl import app, flags
+
+from data_prep import build_shards, synthetic
+from data_prep.readers import read_source
+from dual_path import run_layout, shard_format
+from dual_path.atomic_write import write_atomically
+from experiments.benchmarks.report import machine
+
+FLAGS = flags.FLAGS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FLICKR8K_RAW = SHARED / "data" / "flickr8k"
+ALL_ROWS = "all"
+TRAIN_LOG_NAME = "train.log"
+RUN_COMMAND_NAME = "run_command.txt"
+# The embedded dataset's shard counts, as `dual-path-demo` builds them.
+SYNTHETIC_IMAGE_SHARDS = 4
+SYNTHETIC_CAPTION_SHARDS = 2
+
+
+class Row(NamedTuple):
+    """One training run of a dataset's table.
+
+    flagfiles: paths relative to the repository root, in order; flags come after them.
+    caches_features: stage I trains on cached backbone features, so the run gets
+    --feature_cache_dir (shared by the dataset's rows).
+    """
+
+    dataset: str
+    name: str
+    description: str
+    flagfiles: tuple[str, ...]
+    flags: tuple[str, ...]
+    caches_features: bool
+
+
+def _config(dataset: str) -> str:
+    return f"experiments/configs/{dataset}.flags"
+
+
+def _ablation_config(dataset: str) -> str:
+    return f"experiments/configs/ablations/{dataset}.flags"
+
+
+# Ablation rows shared by both datasets: name -> (description, flags).
+_COMMON_ABLATIONS = {
+    "both": ("Instance and ranking losses (1:1:1)", ()),
+    "ranking_only": ("Ranking loss only, the VSE++ setting (1:0:0)", ("--stage1_loss_weights=1:0:0",)),
+    "instance_only": ("Instance loss only, Stage I (0:1:1)", ("--stage1_loss_weights=0:1:1",)),
+    "separate_classifiers": ("Separate instance classifiers for the image and text paths",
+                             ("--noshare_classifier",)),
+    "no_position_shift": ("No random caption position in training", ("--noposition_shift",)),
+    "random_word_init": ("Word embedding initialised at random, not from word2vec",
+                         ("--word_embedding_init=random",)),
+}
+_TEXT_DEPTH_ABLATIONS = {
+    "flickr8k": {"shallow_text": ("Shallow text CNN: 1 block per stage (1-1-1-1)",
+                                  ("--text_blocks=1,1,1,1",))},
+    "synthetic": {"deep_text": ("Deep text CNN: 3-4-6-1 blocks at widths 64-512 (the config's is 1-1-1 at 64-256)",
+                                ("--text_blocks=3,4,6,1", "--text_widths=64,128,256,512"))},
+}
+# Stage I of the Flickr8k ablations trains on the frozen MobileNet's cached features.
+_CACHES_FEATURES = {"flickr8k": True, "synthetic": False}
+
+
+def _ablation_rows(dataset: str) -> dict[str, Row]:
+    changes = {**_COMMON_ABLATIONS, **_TEXT_DEPTH_ABLATIONS[dataset]}
+    return {
+        name: Row(dataset, name, description, (_config(dataset), _ablation_config(dataset)),
+                  row_flags, _CACHES_FEATURES[dataset])
+        for name, (description, row_flags) in changes.items()
+    }
+
+
+# dataset -> row name -> Row, in table order.
+ROWS: dict[str, dict[str, Row]] = {
+    "flickr8k": {
+        "main": Row("flickr8k", "main",
+                    "Both stages: Stage I on the instance loss, then Stage II on instance + ranking",
+                    (_config("flickr8k"),), (), False),
+        **_ablation_rows("flickr8k"),
+    },
+    "synthetic": _ablation_rows("synthetic"),
+}
+
+
+def define_flags() -> None:
+    """Defines the command's flags; called by run() only (see data_prep/build_shards.py)."""
+    flags.DEFINE_enum("dataset", None, sorted(ROWS), "Dataset whose rows to run.", required=True)
+    flags.DEFINE_list("rows", [ALL_ROWS], f"Rows to run, in this order, or '{ALL_ROWS}' (table order).")
+    flags.DEFINE_string("workspace", "workspace", "Folder for shards, runs and cached features.")
+    flags.DEFINE_string("shard_dir", None,
+                        "The dataset's shards (built there if missing); default: "
+                        "<workspace>/<dataset>/shards/<dataset>.")
+    flags.DEFINE_string("results_dir", "experiments/results/runs", "Where the record JSONs go.")
+    flags.DEFINE_string("extra_flags", "",
+                        "Trainer flags appended to every row's command (shell syntax), e.g. "
+                        "--stage1_epochs=1 for a smoke run; recorded in the command.")
+    flags.DEFINE_bool("rerun", False, "Train rows that already have a record again, from scratch.")
+
+
+def selected_rows(dataset: str, names: Sequence[str]) -> list[Row]:
+    """The rows named (or all, in table order, for ['all']); ValueError naming unknown ones."""
+    rows = ROWS[dataset]
+    if list(names) == [ALL_ROWS]:
+        return list(rows.values())
+    unknown = [name for name in names if name not in rows]
+    if unknown:
+        raise ValueError(f"unknown {dataset} rows {unknown}; known: {', '.join(rows)}")
+    return [rows[name] for name in names]
+
+
+def default_shard_dir(workspace: str, dataset: str) -> str:
+    return os.path.join(workspace, dataset, "shards", dataset)
+
+
+def model_dir(workspace: str, dataset: str, row: str) -> str:
+    return os.path.join(workspace, "experiments", dataset, row)
+
+
+def feature_cache_dir(workspace: str, dataset: str) -> str:
+    return os.path.join(workspace, dataset, "feature_cache")
+
+
+def record_path(results_dir: str, row: Row) -> str:
+    return os.path.join(results_dir, f"{row.dataset}-{row.name}.json")
+
+
+def repo_relative(path: str) -> str:
+    """path relative to the repository root when it lies inside it, else absolute."""
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else str(absolute)
+
+
+def train_command(row: Row, *, shard_dir: str, run_dir: str, cache_dir: str,
+                  extra_flags: Sequence[str] = ()) -> list[str]:
+    """`python -m experiments.train ...` for the row, to run from the repository root:
+    flagfiles, the row's flags, the data and run folders, then extra_flags (which override)."""
+    command = ["python", "-m", "experiments.train"]
+    command += [f"--flagfile={flagfile}" for flagfile in row.flagfiles]
+    command += list(row.flags)
+    command += [f"--shard_dir={repo_relative(shard_dir)}", f"--model_dir={repo_relative(run_dir)}"]
+    if row.caches_features:
+        command.append(f"--feature_cache_dir={repo_relative(cache_dir)}")
+    return command + list(extra_flags)
+
+
+def _build_synthetic(shard_dir: str, raw_dir: str) -> None:
+    dataset_json = os.path.join(raw_dir, synthetic.JSON_NAME)
+    if not os.path.exists(dataset_json):
+        print(f"generating the synthetic dataset in {raw_dir}", flush=True)
+        synthetic.generate(raw_dir)
+    build_shards.build_shards(
+        read_source("karpathy", captions=dataset_json), shard_dir,
+        num_image_shards=SYNTHETIC_IMAGE_SHARDS, num_caption_shards=SYNTHETIC_CAPTION_SHARDS,
+        source_format="karpathy", source_files=[dataset_json])
+
+
+def _build_flickr8k(shard_dir: str) -> None:
+    if not FLICKR8K_RAW.is_dir():
+        raise FileNotFoundError(
+            f"no Flickr8k shards in {shard_dir} and no raw Flickr8k in {FLICKR8K_RAW} to build them "
+            "from: build them with the command of README.md step 1 (with --shard_dir set to this "
+            "folder), or pass --shard_dir")
+    text_dir = FLICKR8K_RAW / "Flickr8k_text"
+    captions = str(text_dir / "Flickr8k.token.txt")
+    image_root = str(FLICKR8K_RAW / "Flicker8k_Dataset")
+    split_files = (f"train={text_dir / 'Flickr_8k.trainImages.txt'},"
+                   f"dev={text_dir / 'Flickr_8k.devImages.txt'}")
+    source = read_source("flickr_tokens", captions=captions, image_root=image_root,
+                         split_files=split_files)
+    build_shards.build_shards(source, shard_dir, source_format="flickr_tokens",
+                              source_files=[captions, image_root, split_files])
+
+
+def ensure_shards(dataset: str, shard_dir: str, workspace: str) -> None:
+    """Builds the dataset's shards into shard_dir unless its manifest (written last) is there.
+
+    synthetic: generates the raw data in <workspace>/synthetic/raw/synthetic first if needed.
+    flickr8k: reads the raw files in ../shared; FileNotFoundError if they are absent.
+    """
+    if os.path.exists(shard_format.manifest_path(shard_dir)):
+        return
+    print(f"building the {dataset} shards in {shard_dir}", flush=True)
+    if dataset == "synthetic":
+        _build_synthetic(shard_dir, os.path.join(workspace, dataset, "raw", dataset))
+    else:
+        _build_flickr8k(shard_dir)
+
+
+def _prepare_run_dir(run_dir: str, command_line: str, fresh: bool) -> bool:
+    """Keeps a model_dir with checkpoints of the same command (the trainer resumes it) unless
+    fresh; removes any other. Returns whether the run resumes."""
+    command_file = os.path.join(run_dir, RUN_COMMAND_NAME)
+    same_command = (os.path.exists(command_file)
+                    and Path(command_file).read_text(encoding="utf-8") == command_line)
+    has_checkpoints = any(os.path.isdir(run_layout.stage_dir(run_dir, stage))
+                          for stage in run_layout.STAGES)
+    resumes = same_command and has_checkpoints and not fresh
+    if os.path.exists(run_dir) and not resumes:
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    write_atomically(command_file, command_line.encode("utf-8"))
+    return resumes
+
+
+def _stream(command: Sequence[str], log_path: str, append: bool) -> tuple[int, float]:
+    """Runs command from the repository root, its output to the console and log_path.
+    Returns (exit code, wall-clock seconds)."""
+    # TensorFlow's C++ INFO lines (oneDNN, CPU features) say nothing about the run.
+    environment = {"TF_CPP_MIN_LOG_LEVEL": "1", **os.environ}
+    start = time.monotonic()
+    with open(log_path, "a" if append else "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace")
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+        returncode = process.wait()
+    return returncode, time.monotonic() - start
+
+
+class RowFailedError(RuntimeError):
+    """The trainer exited non-zero; the message names the row and its log."""
+
+
+def run_row(row: Row, *, workspace: str, shard_dir: str, results_dir: str,
+            extra_flags: Sequence[str] = (), fresh: bool = False) -> dict:
+    """Trains the row and writes its record (format in the module docstring); returns it.
+
+    Raises:
+      RowFailedError: the trainer failed; no record is written.
+    """
+    run_dir = model_dir(workspace, row.dataset, row.name)
+    command = train_command(row, shard_dir=shard_dir, run_dir=run_dir,
+                            cache_dir=feature_cache_dir(workspace, row.dataset),
+                            extra_flags=extra_flags)
+    command_line = shlex.join(command)
+    resumes = _prepare_run_dir(run_dir, command_line, fresh)
+    log_path = os.path.join(run_dir, TRAIN_LOG_NAME)
+    print(f"\n[{row.dataset}/{row.name}] {row.description}\n$ {command_line}", flush=True)
+    returncode, seconds = _stream([sys.executable, *command[1:]], log_path, append=resumes)
+    if returncode != 0:
+        raise RowFailedError(f"row {row.dataset}/{row.name} failed with exit code {returncode}; "
+                             f"its log: {log_path}")
+    results_file = os.path.join(run_dir, run_layout.RESULTS_NAME)
+    with open(results_file, encoding="utf-8") as results:
+        run_results = json.load(results)
+    record = {
+        "dataset": row.dataset,
+        "row": row.name,
+        "description": row.description,
+        "command": command_line,
+        "wall_seconds": round(seconds, 1),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "resumed": resumes,
+        "results": run_results,
+    }
+    os.makedirs(results_dir, exist_ok=True)
+    path = record_path(results_dir, row)
+    write_atomically(path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    print(f"[{row.dataset}/{row.name}] {seconds:.0f} s; record: {path}", flush=True)
+    return record
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        rows = selected_rows(FLAGS.dataset, FLAGS.rows)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    workspace = os.path.abspath(FLAGS.workspace)
+    shard_dir = os.path.abspath(FLAGS.shard_dir or default_shard_dir(workspace, FLAGS.dataset))
+    extra_flags = shlex.split(FLAGS.extra_flags)
+    to_run = []
+    for row in rows:
+        path = record_path(FLAGS.results_dir, row)
+        if os.path.exists(path) and not FLAGS.rerun:
+            print(f"[{row.dataset}/{row.name}] skipped: {path} exists (--rerun to train it again)")
+        else:
+            to_run.append(row)
+    if not to_run:
+        return
+    try:
+        ensure_shards(FLAGS.dataset, shard_dir, workspace)
+        for row in to_run:
+            run_row(row, workspace=workspace, shard_dir=shard_dir, results_dir=FLAGS.results_dir,
+                    extra_flags=extra_flags, fresh=FLAGS.rerun)
+    except (RowFailedError, FileNotFoundError) as error:
+        sys.exit(f"run_experiments: error: {error}")
+    print("\nRegenerate the results page: python -m experiments.write_results")
+
+
+def run() -> None:
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

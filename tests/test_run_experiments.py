@@ -1,0 +1,222 @@
+"""The ablation runner: its registry against the trainer's flags, and real runs on tiny data.
+
+Every row's command is parsed by experiments.train's own flag definitions (in a subprocess)
+and must give the settings the row names. One row trains for real through the runner on a
+tiny synthetic dataset (shards written here by data_prep, 32x32 images, a tiny model via
+--extra_flags) and must leave a record whose results are the run's results.json; a second
+invocation skips that row and stops at a failing row with an error naming it and its log,
+writing no record for it (after removing what a different command had left in its model_dir).
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep import build_shards, synthetic
+from data_prep.readers import read_source
+from experiments import run_experiments
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+# A tiny model and a one-epoch stage I on 40 images: the run takes seconds.
+TINY_EXTRA_FLAGS = [
+    f"--image_size={IMAGE_SIZE}", "--small_cnn_widths=8,16", "--embedding_dim=16",
+    "--text_blocks=1,1", "--text_widths=16,32", "--head_dims=16,16", "--batch_size=8",
+    "--stage1_epochs=1", "--validate_every_epochs=1", "--log_every_steps=5",
+    "--checkpoint_every_steps=0", "--projector_images=4",
+]
+WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classifier",
+                 "position_shift", "text_blocks", "text_widths", "evaluate_test",
+                 "word_embedding_init", "stage1_feature_views", "backbone"]
+
+_PARSE_SCRIPT = """
+import json, sys
+from absl import flags
+from experiments import train
+train.define_flags()
+FLAGS = flags.FLAGS
+parsed = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    try:
+        FLAGS(["train", *argv])
+        parsed[name] = {"values": {flag: FLAGS[flag].value for flag in json.loads(sys.argv[2])}}
+    except flags.UnrecognizedFlagError as error:
+        parsed[name] = {"unknown": error.flagname}
+    FLAGS.unparse_flags()
+print(json.dumps(parsed))
+"""
+
+
+def row_command(row: run_experiments.Row, workspace: str = "workspace") -> list[str]:
+    return run_experiments.train_command(
+        row, shard_dir=run_experiments.default_shard_dir(workspace, row.dataset),
+        run_dir=run_experiments.model_dir(workspace, row.dataset, row.name),
+        cache_dir=run_experiments.feature_cache_dir(workspace, row.dataset))
+
+
+@pytest.fixture(scope="module")
+def parsed_rows() -> dict:
+    """"dataset/row" -> {"values": {flag: value}} or {"unknown": flag name}, from the trainer's
+    flags parsing each row's command (without "python -m experiments.train") in the repo root."""
+    commands = {f"{row.dataset}/{row.name}": row_command(row)[3:]
+                for rows in run_experiments.ROWS.values() for row in rows.values()}
+    process = subprocess.run(
+        [sys.executable, "-c", _PARSE_SCRIPT, json.dumps(commands), json.dumps(WATCHED_FLAGS)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+EXPECTED = {
+    # row: (stage1 loss weights, share_classifier, position_shift, text_blocks)
+    "both": ("1:1:1", True, True, None),
+    "ranking_only": ("1:0:0", True, True, None),
+    "instance_only": ("0:1:1", True, True, None),
+    "separate_classifiers": ("1:1:1", False, True, None),
+    "no_position_shift": ("1:1:1", True, False, None),
+    "random_word_init": ("1:1:1", True, True, None),
+    "shallow_text": ("1:1:1", True, True, ["1", "1", "1", "1"]),
+    "deep_text": ("1:1:1", True, True, ["3", "4", "6", "1"]),
+}
+
+
+def test_registry_rows_and_their_flagfiles():
+    assert list(run_experiments.ROWS["flickr8k"]) == [
+        "main", "both", "ranking_only", "instance_only", "separate_classifiers",
+        "no_position_shift", "random_word_init", "shallow_text"]
+    assert list(run_experiments.ROWS["synthetic"]) == [
+        "both", "ranking_only", "instance_only", "separate_classifiers", "no_position_shift",
+        "random_word_init", "deep_text"]
+    for rows in run_experiments.ROWS.values():
+        for row in rows.values():
+            assert row.description and "\n" not in row.description
+            for flagfile in row.flagfiles:
+                assert (REPO / flagfile).is_file(), flagfile
+    main = run_experiments.ROWS["flickr8k"]["main"]
+    assert main.flagfiles == ("experiments/configs/flickr8k.flags",) and not main.flags
+
+
+def test_commands_put_extra_flags_last_and_cache_features_for_flickr8k_ablations(tmp_path):
+    rows = run_experiments.ROWS
+    command = run_experiments.train_command(
+        rows["flickr8k"]["ranking_only"], shard_dir=str(REPO / "workspace/f/shards"),
+        run_dir=str(REPO / "workspace/experiments/flickr8k/ranking_only"),
+        cache_dir=str(tmp_path / "cache"), extra_flags=["--stage1_epochs=1"])
+    assert command == [
+        "python", "-m", "experiments.train",
+        "--flagfile=experiments/configs/flickr8k.flags",
+        "--flagfile=experiments/configs/ablations/flickr8k.flags",
+        "--stage1_loss_weights=1:0:0",
+        "--shard_dir=workspace/f/shards",
+        "--model_dir=workspace/experiments/flickr8k/ranking_only",
+        f"--feature_cache_dir={tmp_path / 'cache'}",
+        "--stage1_epochs=1"]
+    for row in (rows["flickr8k"]["main"], rows["synthetic"]["both"]):
+        assert not any(part.startswith("--feature_cache_dir") for part in row_command(row))
+    assert run_experiments.selected_rows("synthetic", ["deep_text", "both"]) == [
+        rows["synthetic"]["deep_text"], rows["synthetic"]["both"]]
+    with pytest.raises(ValueError, match="unknown synthetic rows \\['shallow_text'\\]"):
+        run_experiments.selected_rows("synthetic", ["shallow_text"])
+
+
+def test_every_row_parses_with_the_trainer_flags(parsed_rows):
+    """Every row's command parses, to the settings the row names."""
+    for name, outcome in parsed_rows.items():
+        dataset, row = name.split("/")
+        assert "unknown" not in outcome, (name, outcome)
+        values = outcome["values"]
+        if row == "main":
+            assert values["stage"] == "both" and values["stage1_loss_weights"] == "0:1:1"
+            assert values["backbone"] == "MobileNet"
+            continue
+        weights, share, shift, blocks = EXPECTED[row]
+        assert values["stage"] == "1" and values["stage1_epochs"] == 8, name
+        assert values["stage1_loss_weights"] == weights, name
+        assert values["share_classifier"] is share and values["position_shift"] is shift, name
+        assert values["evaluate_test"] is (dataset == "synthetic"), name
+        if blocks:
+            assert values["text_blocks"] == blocks, name
+        if row == "deep_text":
+            assert values["text_widths"] == ["64", "128", "256", "512"]
+        if row == "random_word_init":
+            assert values["word_embedding_init"] == "random"
+        if dataset == "flickr8k":
+            assert values["stage1_feature_views"] == 8
+
+
+def test_flickr8k_without_shards_or_raw_data_says_how_to_build_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_experiments, "FLICKR8K_RAW", tmp_path / "no_shared")
+    with pytest.raises(FileNotFoundError, match="README.md step 1"):
+        run_experiments.ensure_shards("flickr8k", str(tmp_path / "shards"), str(tmp_path))
+    assert not (tmp_path / "shards").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> str:
+    """The synthetic dataset (40 train, 12 val, 12 test images of 32x32) -> shards via data_prep."""
+    root = tmp_path_factory.mktemp("data")
+    captions = synthetic.generate(str(root / "raw"), num_train=40, num_val=12, num_test=12,
+                                  image_size=IMAGE_SIZE, seed=0)
+    shard_dir = str(root / "shards")
+    build_shards.build_shards(read_source("karpathy", captions=captions), shard_dir,
+                              num_image_shards=2, num_caption_shards=1, num_workers=1,
+                              embedding_dim=16)
+    return shard_dir
+
+
+def run_runner(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.run_experiments", *arguments],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def test_runner_records_a_run_skips_it_after_and_stops_at_a_failing_row(tiny_shards, tmp_path):
+    workspace, results_dir = tmp_path / "workspace", tmp_path / "runs"
+    common = ["--dataset=synthetic", f"--workspace={workspace}", f"--shard_dir={tiny_shards}",
+              f"--results_dir={results_dir}"]
+    extra = " ".join(TINY_EXTRA_FLAGS)
+    process = run_runner(*common, "--rows=ranking_only", f"--extra_flags={extra}")
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    record_file = results_dir / "synthetic-ranking_only.json"
+    record = json.loads(record_file.read_text())
+    run_dir = workspace / "experiments" / "synthetic" / "ranking_only"
+    assert record["dataset"] == "synthetic" and record["row"] == "ranking_only"
+    assert record["description"] == run_experiments.ROWS["synthetic"]["ranking_only"].description
+    assert record["command"] == shlex.join([
+        "python", "-m", "experiments.train",
+        "--flagfile=experiments/configs/synthetic.flags",
+        "--flagfile=experiments/configs/ablations/synthetic.flags",
+        "--stage1_loss_weights=1:0:0", f"--shard_dir={tiny_shards}", f"--model_dir={run_dir}",
+        *TINY_EXTRA_FLAGS])
+    assert record["wall_seconds"] > 0 and record["finished"].endswith("+00:00")
+    assert record["resumed"] is False
+    assert record["machine"]["logical_cores"] == os.cpu_count() and record["machine"]["cpu"]
+    assert record["results"] == json.loads((run_dir / "results.json").read_text())
+    assert record["results"]["stage"] == 1
+    for split in ("val", "test"):
+        metrics = record["results"]["metrics"][split]
+        for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+            assert 0 <= metrics[key] <= 100
+        assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
+    log = (run_dir / "train.log").read_text()
+    assert "final retrieval results" in log and "final retrieval results" in process.stdout + process.stderr
+
+    recorded = record_file.read_bytes()
+    failed_dir = workspace / "experiments" / "synthetic" / "no_position_shift"
+    (failed_dir / "stage1").mkdir(parents=True)
+    (failed_dir / "run_command.txt").write_text("python -m experiments.train --an_older_command")
+    process = run_runner(*common, "--rows=ranking_only,no_position_shift",
+                         "--extra_flags=--no_such_flag=1")
+    assert process.returncode != 0
+    assert "[synthetic/ranking_only] skipped" in process.stdout
+    failed_log = failed_dir / "train.log"
+    assert not (failed_dir / "stage1").exists()  # left by another command: started afresh
+    assert "row synthetic/no_position_shift failed with exit code" in process.stderr
+    assert str(failed_log) in process.stderr
+    assert "no_such_flag" in failed_log.read_text()
+    assert record_file.read_bytes() == recorded
+    assert sorted(path.name for path in results_dir.iterdir()) == ["synthetic-ranking_only.json"]
