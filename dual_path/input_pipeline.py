@@ -1,11 +1,14 @@
 """tf.data pipelines from the TFRecord shards of `shard_format` to model-ready batches.
 
-Three pipelines:
+Five pipelines:
 
 * `train_dataset`: every training image once per epoch, repeated forever, each paired
   with ONE of its captions drawn at random every epoch, augmented as in the paper
   (random-resized crop, horizontal flip that swaps "left"/"right" in the caption,
   random position of the caption in its max_length slots).
+* `augmented_view_dataset`: a fixed number of augmented views of every image, once (for a
+  cache of the frozen backbone's features, `dual_path.feature_cache`).
+* `cached_feature_dataset`: `train_dataset` with one cached view's features in place of the image.
 * `eval_image_dataset`: every image of a split once, in index order, whole and resized.
 * `eval_caption_dataset`: every caption of a split once, in caption-id order.
 
@@ -220,6 +223,106 @@ def _check_args(batch_size: int, image_size: int | None = None, max_length: int 
             raise ValueError(f"{name} must be positive, got {value}")
 
 
+def _check_augmentation(flip: str, crop_area, crop_aspect) -> None:
+    if flip not in FLIP_MODES:
+        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    if not (0.0 < crop_area[0] <= crop_area[1] <= 1.0):
+        raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1, got {crop_area}")
+    if not (0.0 < crop_aspect[0] <= crop_aspect[1]):
+        raise ValueError(f"crop_aspect must satisfy 0 < min <= max, got {crop_aspect}")
+
+
+def _augmented_image(encoded: tf.Tensor, crop_seed: tf.Tensor, flip_seed: tf.Tensor, *, image_size: int,
+                     flip: str, crop_area, crop_aspect) -> tuple[tf.Tensor, tf.Tensor]:
+    """One training view of a JPEG: a random-resized crop, flipped with probability 1/2.
+
+    Returns:
+      (float32 [image_size, image_size, 3] RGB in 0..255, bool [] whether it was flipped;
+      always False with flip="off").
+    """
+    image = _resize(_decode_random_crop(encoded, crop_seed, crop_area, crop_aspect), image_size)
+    if flip == "off":
+        return image, tf.constant(False)
+    flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
+    image = tf.cond(flipped, lambda: tf.image.flip_left_right(image), lambda: image)
+    return image, flipped
+
+
+class _CaptionSampler:
+    """Draws one caption of an image for training, as the image's view requires.
+
+    Built from all captions of a split (`read_captions`). Calling it with (image_index int32 [],
+    flipped bool [], caption_seed, shift_seed: int64 [2]) returns int32 [max_length]: one of the
+    image's captions at random (its first max_length ids), its mirrored words swapped when the
+    image view was flipped and flip="swap_left_right" (`left_right_swap_table`), placed at a
+    random offset of the max_length slots (position_shift) or at slot 0.
+    """
+
+    def __init__(self, shard_dir: str, split: str, *, max_length: int, flip: str, position_shift: bool,
+                 vocabulary: text.Vocabulary | None):
+        captions = read_captions(shard_dir, split)
+        per_image_order = np.argsort(captions.image_index, kind="stable")
+        by_image = tf.gather(captions.token_ids, per_image_order)
+        self._values = by_image.flat_values
+        self._row_splits = by_image.row_splits
+        counts = np.bincount(captions.image_index)
+        first_caption = np.cumsum(counts) - counts
+        self._first_caption = tf.constant(first_caption, tf.int64)
+        self._count = tf.constant(counts, tf.int32)
+        self.num_images = captions.num_images
+        self.labels = captions.label[per_image_order][first_caption]
+        """int32 [num_images]: the instance class of each image."""
+        self._max_length = max_length
+        self._position_shift = position_shift
+        self._swap_table = None
+        if flip == "swap_left_right":
+            if vocabulary is None:
+                vocabulary = text.Vocabulary.load(text.vocabulary_path(shard_dir))
+            largest_id = int(self._values.numpy().max(initial=0))
+            if largest_id >= vocabulary.size:
+                raise ValueError(
+                    f"{shard_dir} ({split} captions): token id {largest_id} is outside the vocabulary "
+                    f"of {vocabulary.size} ids"
+                )
+            self._swap_table = tf.constant(left_right_swap_table(vocabulary))
+
+    def __call__(self, image_index, flipped, caption_seed, shift_seed) -> tf.Tensor:
+        choice = tf.random.stateless_uniform(
+            [], caption_seed, minval=0, maxval=self._count[image_index], dtype=tf.int32
+        )
+        row = self._first_caption[image_index] + tf.cast(choice, tf.int64)
+        token_ids = self._values[self._row_splits[row]:self._row_splits[row + 1]][:self._max_length]
+        if self._swap_table is not None:
+            token_ids = tf.cond(flipped, lambda: tf.gather(self._swap_table, token_ids), lambda: token_ids)
+        offset = 0
+        if self._position_shift:
+            free_slots = self._max_length - tf.shape(token_ids)[0]
+            offset = tf.random.stateless_uniform([], shift_seed, minval=0, maxval=free_slots + 1, dtype=tf.int32)
+        return _place_caption(token_ids, offset, self._max_length)
+
+
+def _element_seeds(seed: int, position: tf.Tensor, num: int) -> list[tf.Tensor]:
+    """num independent stateless seeds (int64 [2] each) of one element of a stream."""
+    return tf.unstack(tf.random.experimental.stateless_split(
+        tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)]), num=num))
+
+
+def _interleaved_image_records(shard_dir: str, split: str, *, seed: int | None,
+                               deterministic: bool) -> tf.data.Dataset:
+    """The split's serialized image Examples, read from its shards in parallel (shard order
+    shuffled with `seed`, or fixed when seed is None)."""
+    files = tf.data.Dataset.from_tensor_slices(shard_format.shard_files(shard_dir, split, shard_format.IMAGES))
+    if seed is not None:
+        files = files.shuffle(files.cardinality(), seed=seed, reshuffle_each_iteration=True)
+    return files.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=MAX_INTERLEAVED_SHARDS,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
+    )
+
+
 def train_dataset(
     shard_dir: str,
     *,
@@ -261,82 +364,31 @@ def train_dataset(
         "image_index": int32 [B], the image's index in its split.
     """
     _check_args(batch_size, image_size, max_length)
-    if flip not in FLIP_MODES:
-        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
-    if not (0.0 < crop_area[0] <= crop_area[1] <= 1.0):
-        raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1, got {crop_area}")
-    if not (0.0 < crop_aspect[0] <= crop_aspect[1]):
-        raise ValueError(f"crop_aspect must satisfy 0 < min <= max, got {crop_aspect}")
-
-    captions = read_captions(shard_dir, split)
-    per_image_order = np.argsort(captions.image_index, kind="stable")
-    by_image = tf.gather(captions.token_ids, per_image_order)
-    caption_values = by_image.flat_values
-    caption_row_splits = by_image.row_splits
-    counts = np.bincount(captions.image_index)
-    first_caption = tf.constant(np.cumsum(counts) - counts, tf.int64)
-    caption_count = tf.constant(counts, tf.int32)
-    num_images = captions.num_images
-
-    swap_table = None
-    if flip == "swap_left_right":
-        if vocabulary is None:
-            vocabulary = text.Vocabulary.load(text.vocabulary_path(shard_dir))
-        largest_id = int(caption_values.numpy().max(initial=0))
-        if largest_id >= vocabulary.size:
-            raise ValueError(
-                f"{shard_dir} ({split} captions): token id {largest_id} is outside the vocabulary "
-                f"of {vocabulary.size} ids"
-            )
-        swap_table = tf.constant(left_right_swap_table(vocabulary))
+    _check_augmentation(flip, crop_area, crop_aspect)
+    sample_caption = _CaptionSampler(shard_dir, split, max_length=max_length, flip=flip,
+                                     position_shift=position_shift, vocabulary=vocabulary)
+    num_images = sample_caption.num_images
 
     def augment(position: tf.Tensor, serialized: tf.Tensor) -> dict:
         """position: int64 [] in the repeated stream; serialized: tf.string [] image Example."""
         example = shard_format.parse_image_example(serialized)
-        crop_seed, flip_seed, caption_seed, shift_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), position]), num=4)
-        )
-        image = _resize(_decode_random_crop(example[shard_format.IMAGE_ENCODED], crop_seed, crop_area, crop_aspect),
-                        image_size)
-
+        crop_seed, flip_seed, caption_seed, shift_seed = _element_seeds(seed, position, 4)
+        image, flipped = _augmented_image(example[shard_format.IMAGE_ENCODED], crop_seed, flip_seed,
+                                          image_size=image_size, flip=flip, crop_area=crop_area,
+                                          crop_aspect=crop_aspect)
         image_index = tf.cast(example[shard_format.IMAGE_INDEX], tf.int32)
         tf.debugging.assert_less(
             image_index, num_images, message=f"{shard_dir} ({split}): an image index has no caption"
         )
-        choice = tf.random.stateless_uniform(
-            [], caption_seed, minval=0, maxval=caption_count[image_index], dtype=tf.int32
-        )
-        row = first_caption[image_index] + tf.cast(choice, tf.int64)
-        token_ids = caption_values[caption_row_splits[row]:caption_row_splits[row + 1]][:max_length]
-
-        if flip != "off":
-            flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
-            image = tf.cond(flipped, lambda: tf.image.flip_left_right(image), lambda: image)
-            if swap_table is not None:
-                token_ids = tf.cond(flipped, lambda: tf.gather(swap_table, token_ids), lambda: token_ids)
-
-        offset = 0
-        if position_shift:
-            free_slots = max_length - tf.shape(token_ids)[0]
-            offset = tf.random.stateless_uniform([], shift_seed, minval=0, maxval=free_slots + 1, dtype=tf.int32)
         return {
             "image": image,
-            "token_ids": _place_caption(token_ids, offset, max_length),
+            "token_ids": sample_caption(image_index, flipped, caption_seed, shift_seed),
             "label": tf.cast(example[shard_format.IMAGE_LABEL], tf.int32),
             "image_index": image_index,
         }
 
-    files = shard_format.shard_files(shard_dir, split, shard_format.IMAGES)
     return (
-        tf.data.Dataset.from_tensor_slices(files)
-        .shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        .interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(len(files), MAX_INTERLEAVED_SHARDS),
-            block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=deterministic,
-        )
+        _interleaved_image_records(shard_dir, split, seed=seed, deterministic=deterministic)
         .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         .repeat()
         .enumerate()
@@ -344,6 +396,123 @@ def train_dataset(
         .batch(batch_size, drop_remainder=drop_remainder)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def augmented_view_dataset(
+    shard_dir: str,
+    *,
+    views: int,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    flip: str = "swap_left_right",
+    crop_area: tuple[float, float] = (0.8, 1.0),
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
+    split: str = "train",
+) -> tf.data.Dataset:
+    """`views` augmented views of every image of a split, once: what a feature cache holds.
+
+    View v of image i is the random-resized crop and flip of `train_dataset` drawn with a seed
+    of (seed, i, v), so the same arguments always give the same views, in any read order.
+
+    Returns:
+      tf.data.Dataset of dicts, one pass, B = batch_size except for a smaller last batch:
+        "image": float32 [B, image_size, image_size, 3], RGB in 0..255.
+        "flipped": bool [B], whether the view was mirrored (its captions' left/right swap).
+        "image_index": int32 [B]; "view": int32 [B] in 0..views-1.
+    """
+    _check_args(batch_size, image_size)
+    _check_augmentation(flip, crop_area, crop_aspect)
+    if views < 1:
+        raise ValueError(f"views must be positive, got {views}")
+
+    def view(view_index: tf.Tensor, serialized: tf.Tensor) -> dict:
+        example = shard_format.parse_image_example(serialized)
+        image_index = tf.cast(example[shard_format.IMAGE_INDEX], tf.int32)
+        crop_seed, flip_seed = _element_seeds(seed, tf.cast(image_index, tf.int64) * views + view_index, 2)
+        image, flipped = _augmented_image(example[shard_format.IMAGE_ENCODED], crop_seed, flip_seed,
+                                          image_size=image_size, flip=flip, crop_area=crop_area,
+                                          crop_aspect=crop_aspect)
+        return {"image": image, "flipped": flipped, "image_index": image_index,
+                "view": tf.cast(view_index, tf.int32)}
+
+    return (
+        _interleaved_image_records(shard_dir, split, seed=None, deterministic=True)
+        .flat_map(lambda serialized: tf.data.Dataset.from_tensors(serialized).repeat(views).enumerate())
+        .map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def cached_feature_dataset(
+    shard_dir: str,
+    features: np.ndarray,
+    flipped: np.ndarray,
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    vocabulary: text.Vocabulary | None = None,
+    flip: str = "swap_left_right",
+    position_shift: bool = True,
+    split: str = "train",
+) -> tf.data.Dataset:
+    """`train_dataset` with cached backbone features of augmented views in place of images.
+
+    Every image once per epoch, in a new random order each epoch, forever: one of its V cached
+    views at random, with one of its captions drawn and placed as `train_dataset` does (the
+    caption's left/right swapped when that view was mirrored).
+
+    Args:
+      features: float32 [N, V, F], the backbone's pooled features of view v of image i
+        (`augmented_view_dataset`); may be a memory map (rows are gathered per batch).
+      flipped: bool [N, V], whether each view was mirrored.
+    Returns:
+      tf.data.Dataset of dicts, B = batch_size:
+        "image_features": float32 [B, F]; "token_ids": int32 [B, max_length];
+        "label": int32 [B]; "image_index": int32 [B]; "view": int32 [B].
+    """
+    _check_args(batch_size, max_length=max_length)
+    sample_caption = _CaptionSampler(shard_dir, split, max_length=max_length, flip=flip,
+                                     position_shift=position_shift, vocabulary=vocabulary)
+    num_images, num_views, feature_dim = features.shape
+    if num_images != sample_caption.num_images or flipped.shape != (num_images, num_views):
+        raise ValueError(
+            f"{shard_dir} ({split}): cached features of shape {features.shape} and flips of shape "
+            f"{flipped.shape} do not match the split's {sample_caption.num_images} images"
+        )
+    view_flipped = tf.constant(flipped, tf.bool)
+    labels = tf.constant(sample_caption.labels, tf.int32)
+
+    def pair(position: tf.Tensor, image_index: tf.Tensor) -> dict:
+        view_seed, caption_seed, shift_seed = _element_seeds(seed, position, 3)
+        image_index = tf.cast(image_index, tf.int32)
+        view = tf.random.stateless_uniform([], view_seed, minval=0, maxval=num_views, dtype=tf.int32)
+        return {
+            "token_ids": sample_caption(image_index, view_flipped[image_index, view], caption_seed, shift_seed),
+            "label": labels[image_index],
+            "image_index": image_index,
+            "view": view,
+        }
+
+    def gather_features(batch: dict) -> dict:
+        rows = tf.numpy_function(lambda images, views: np.asarray(features[images, views], np.float32),
+                                 [batch["image_index"], batch["view"]], tf.float32, stateful=False)
+        batch["image_features"] = tf.ensure_shape(rows, [batch_size, feature_dim])
+        return batch
+
+    return (
+        tf.data.Dataset.range(num_images)
+        .shuffle(num_images, seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .enumerate()
+        .map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size, drop_remainder=True)
+        .map(gather_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
 
 def read_caption_texts(shard_dir: str, split: str) -> tuple[list[str], np.ndarray]:
     """The split's raw captions in caption-id order and the image index of each (int32 [M])."""

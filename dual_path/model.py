@@ -89,6 +89,10 @@ class DualPath:
     """{"image": float32 [B, S, S, 3], "token_ids": int32 [B, L]} ->
     {"image_logits": float32 [B, C], "text_logits": float32 [B, C],
      "image_embedding": float32 [B, D], "text_embedding": float32 [B, D]} (embeddings L2-normalised)."""
+    feature_training_model: keras.Model
+    """The training model from the backbone's output on: {"image_features": float32 [B, F]
+    (pooled backbone features, e.g. a cache of the frozen backbone's), "token_ids": int32 [B, L]}
+    -> the same outputs as training_model, with the same layers and weights."""
     image_encoder: keras.Model
     """float32 [B, S, S, 3], RGB 0..255 -> float32 [B, D], L2-normalised."""
     text_encoder: keras.Model
@@ -115,24 +119,35 @@ class DualPath:
         }
 
 
-def _head(features, config: DualPathConfig, path: str):
-    """features [B, F] -> (classifier input [B, D], L2-normalised float32 embedding [B, D]).
+class _Head:
+    """One path's head: features [B, F] -> (classifier input [B, D], L2-normalised float32
+    embedding [B, D]).
 
     fc -> BN -> ReLU per entry of head_dims, then Dropout; the embedding is taken at
-    config.embedding_point of the last fc layer.
+    config.embedding_point of the last fc layer. The layers are created once, so calling the
+    head on two inputs (the backbone's output, cached backbone features) shares its weights.
     """
-    x = features
-    for index, dim in enumerate(config.head_dims, start=1):
-        x = keras.layers.Dense(dim, use_bias=False, name=f"{path}_fc{index}")(x)
-        x = keras.layers.BatchNormalization(name=f"{path}_fc{index}_bn")(x)
-        after_bn = x
-        x = keras.layers.ReLU(name=f"{path}_fc{index}_relu")(x)
-    after_relu = x
-    x = keras.layers.Dropout(config.dropout, name=f"{path}_dropout")(x)
-    embedding_source = {"bn": after_bn, "relu": after_relu, "dropout": x}[config.embedding_point]
-    embedding = keras.layers.UnitNormalization(dtype="float32", name=f"{path}_embedding")(
-        embedding_source)
-    return x, embedding
+
+    def __init__(self, config: DualPathConfig, path: str):
+        self.embedding_point = config.embedding_point
+        self.blocks = [
+            (keras.layers.Dense(dim, use_bias=False, name=f"{path}_fc{index}"),
+             keras.layers.BatchNormalization(name=f"{path}_fc{index}_bn"),
+             keras.layers.ReLU(name=f"{path}_fc{index}_relu"))
+            for index, dim in enumerate(config.head_dims, start=1)
+        ]
+        self.dropout = keras.layers.Dropout(config.dropout, name=f"{path}_dropout")
+        self.normalize = keras.layers.UnitNormalization(dtype="float32", name=f"{path}_embedding")
+
+    def __call__(self, features):
+        x = features
+        for dense, batch_norm, relu in self.blocks:
+            after_bn = batch_norm(dense(x))
+            x = relu(after_bn)
+        after_relu = x
+        x = self.dropout(x)
+        embedding_source = {"bn": after_bn, "relu": after_relu, "dropout": x}[self.embedding_point]
+        return x, self.normalize(embedding_source)
 
 
 def _classifiers(config: DualPathConfig) -> tuple[keras.layers.Dense, keras.layers.Dense]:
@@ -161,25 +176,35 @@ def build_dual_path(config: DualPathConfig, embedding_init: np.ndarray | None = 
 
     backbone = build_image_backbone(config.backbone, config.weights, config.image_size,
                                     config.alpha, config.small_cnn_widths)
-    image_features, image_embedding = _head(backbone(images), config, "image")
+    image_head = _Head(config, "image")
+    image_features, image_embedding = image_head(backbone(images))
 
     text_cnn = build_text_path(config.vocab_size, config.max_length, config.embedding_dim,
                                embedding_init, config.text_blocks, config.text_widths)
-    text_features, text_embedding = _head(text_cnn(token_ids), config, "text")
+    text_features, text_embedding = _Head(config, "text")(text_cnn(token_ids))
 
     image_classifier, text_classifier = _classifiers(config)
-    image_logits = image_classifier(image_features)
     text_logits = text_classifier(text_features)
+    text_outputs = {"text_logits": text_logits, "text_embedding": text_embedding}
 
     training_model = keras.Model(
         inputs={"image": images, "token_ids": token_ids},
-        outputs={"image_logits": image_logits, "text_logits": text_logits,
-                 "image_embedding": image_embedding, "text_embedding": text_embedding},
+        outputs={"image_logits": image_classifier(image_features), "image_embedding": image_embedding,
+                 **text_outputs},
         name="dual_path",
+    )
+    backbone_features = keras.Input(shape=backbone.output.shape[1:], name="image_features")
+    cached_features, cached_embedding = image_head(backbone_features)
+    feature_training_model = keras.Model(
+        inputs={"image_features": backbone_features, "token_ids": token_ids},
+        outputs={"image_logits": image_classifier(cached_features),
+                 "image_embedding": cached_embedding, **text_outputs},
+        name="dual_path_on_features",
     )
     return DualPath(
         config=config,
         training_model=training_model,
+        feature_training_model=feature_training_model,
         image_encoder=keras.Model(images, image_embedding, name="image_encoder"),
         text_encoder=keras.Model(token_ids, text_embedding, name="text_encoder"),
         backbone=backbone,

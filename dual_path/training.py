@@ -40,12 +40,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dual_path import embeddings, evaluation, input_pipeline, losses, optimization, shard_format
+from dual_path import embeddings, evaluation, feature_cache, input_pipeline, losses, optimization
+from dual_path import shard_format
 from dual_path import run_layout
 from dual_path import text
 from dual_path.model import DualPath, DualPathConfig, build_dual_path
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+WORD_EMBEDDING_INITS = ("word2vec", "random")
 RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 RETRIEVAL_EXAMPLE_TOP_K = 5
 _THUMBNAIL = 96
@@ -96,6 +98,9 @@ class StageConfig:
     train_backbone: bool
     """False freezes the backbone's weights and BatchNorm statistics (stage I)."""
     backbone_lr_multiplier: float = 1.0
+    feature_views: int = 0
+    """With a frozen backbone: train on its cached features of this many augmented views per
+    image (`dual_path.feature_cache`); 0 runs the backbone on freshly augmented images."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,11 @@ class TrainConfig:
     """"best" (by validation rsum) or "last": the checkpoint of the final results."""
     projector_images: int = 500
     """Validation images (with their captions) in the end-of-stage projector embeddings."""
+    feature_cache_dir: str | None = None
+    """Where cached backbone features are kept (stages with feature_views); default
+    model_dir/feature_cache. Runs on the same shards and backbone can share one."""
+    word_embedding_init: str = "word2vec"
+    """"word2vec": the shard folder's word2vec_init.npy (random where it is absent); "random"."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -144,6 +154,12 @@ class TrainConfig:
         for stage in self.stages:
             if stage.epochs < 1:
                 raise ValueError(f"stage {stage.stage}: epochs must be positive, got {stage.epochs}")
+            if stage.feature_views < 0 or (stage.feature_views and stage.train_backbone):
+                raise ValueError(f"stage {stage.stage}: cached features (feature_views "
+                                 f"{stage.feature_views}) need a frozen backbone and a count >= 0")
+        if self.word_embedding_init not in WORD_EMBEDDING_INITS:
+            raise ValueError(f"word_embedding_init must be one of {WORD_EMBEDDING_INITS}, got "
+                             f"{self.word_embedding_init!r}")
         if self.results_checkpoint not in ("best", "last"):
             raise ValueError(f"results_checkpoint must be 'best' or 'last', got "
                              f"{self.results_checkpoint!r}")
@@ -248,7 +264,12 @@ class Trainer:
                              f"{self.strategy.num_replicas_in_sync} replicas")
         self.has_validation = self._has_split(config.validation_split)
         init_path = text.word2vec_init_path(config.shard_dir)
-        embedding_init = np.load(init_path) if tf.io.gfile.exists(init_path) else None
+        embedding_init = None
+        if config.word_embedding_init == "word2vec":
+            if tf.io.gfile.exists(init_path):
+                embedding_init = np.load(init_path)
+            else:
+                logging.warning("%s does not exist: the word embedding starts random", init_path)
         with self.strategy.scope():
             self.model: DualPath = build_dual_path(config.model, embedding_init)
         if self.chief:
@@ -292,13 +313,17 @@ class Trainer:
         return multipliers
 
     def _make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable):
-        config, model = self.config, self.model.training_model
+        config = self.config
         weights = stage.loss_weights
-        variables = model.trainable_variables
+        variables = self.model.training_model.trainable_variables
+        if stage.feature_views:
+            model, image_input = self.model.feature_training_model, "image_features"
+        else:
+            model, image_input = self.model.training_model, "image"
 
         def replica_step(batch):
             with tf.GradientTape() as tape:
-                outputs = model({"image": batch["image"], "token_ids": batch["token_ids"]},
+                outputs = model({image_input: batch[image_input], "token_ids": batch["token_ids"]},
                                 training=True)
                 image_loss = losses.instance_loss(outputs["image_logits"], batch["label"])
                 text_loss = losses.instance_loss(outputs["text_logits"], batch["label"])
@@ -337,10 +362,22 @@ class Trainer:
 
     def _train_dataset(self, stage: StageConfig, start_step: int):
         config = self.config
-        dataset = input_pipeline.train_dataset(
-            config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
-            max_length=config.model.max_length, seed=config.seed + 1_000_003 * stage.stage + start_step,
-            flip=config.flip, position_shift=config.position_shift)
+        seed = config.seed + 1_000_003 * stage.stage + start_step
+        if stage.feature_views:
+            cache = feature_cache.load_or_compute(
+                self.model.backbone, config.shard_dir,
+                config.feature_cache_dir or os.path.join(config.model_dir, "feature_cache"),
+                views=stage.feature_views, image_size=config.model.image_size, seed=config.seed,
+                flip=config.flip)
+            dataset = input_pipeline.cached_feature_dataset(
+                config.shard_dir, cache.features, cache.flipped, batch_size=config.batch_size,
+                max_length=config.model.max_length, seed=seed, flip=config.flip,
+                position_shift=config.position_shift)
+        else:
+            dataset = input_pipeline.train_dataset(
+                config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
+                max_length=config.model.max_length, seed=seed, flip=config.flip,
+                position_shift=config.position_shift)
         return iter(self.strategy.experimental_distribute_dataset(dataset))
 
     def run_stage(self, stage: StageConfig) -> dict:

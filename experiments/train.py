@@ -44,6 +44,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("embedding_point", "bn", ["bn", "relu", "dropout"], "Where the embedding is taken.")
     flags.DEFINE_bool("share_classifier", True, "One instance classifier W for both paths.")
     flags.DEFINE_bool("classifier_bias", False, "Whether the instance classifier has a bias.")
+    flags.DEFINE_enum("word_embedding_init", "word2vec", list(training.WORD_EMBEDDING_INITS),
+                      "word2vec: the shard folder's word2vec_init.npy; random: Keras' default init.")
 
     # Data and losses.
     flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -68,6 +70,13 @@ def define_flags() -> None:
                             f"Stage {stage} loss weights rank:image:text.")
     flags.DEFINE_float("stage2_backbone_lr_multiplier", 1e-3,
                        "lr multiplier of the image backbone in stage II (the original's conv filters: 1e-3).")
+    flags.DEFINE_integer("stage1_feature_views", 0,
+                         "Stage I on cached features of the frozen backbone: this many augmented "
+                         "views per image, computed once, one drawn per image and epoch (0: off, "
+                         "the backbone runs on a fresh crop every step).")
+    flags.DEFINE_string("feature_cache_dir", None,
+                        "Where the cached backbone features are kept (default model_dir/feature_cache);"
+                        " runs on the same shards and backbone can share it.")
     flags.DEFINE_bool("stage1_train_backbone", False,
                       "Train the image backbone in stage I too (only sensible for a backbone "
                       "without pretrained weights; the paper freezes its ImageNet CNN).")
@@ -125,6 +134,7 @@ def stage_configs() -> list[training.StageConfig]:
             loss_weights=training.LossWeights.parse(FLAGS[f"stage{number}_loss_weights"].value),
             train_backbone=number == 2 or FLAGS.stage1_train_backbone,
             backbone_lr_multiplier=FLAGS.stage2_backbone_lr_multiplier if number == 2 else 1.0,
+            feature_views=FLAGS.stage1_feature_views if number == 1 else 0,
         )
         for number in numbers
     ]
@@ -144,7 +154,8 @@ def train_config() -> training.TrainConfig:
         eval_flip_images=FLAGS.eval_flip_images, eval_shift_texts=FLAGS.eval_shift_texts,
         eval_folds=FLAGS.eval_folds, evaluate_test=FLAGS.evaluate_test,
         results_checkpoint=FLAGS.results_checkpoint,
-        projector_images=FLAGS.projector_images)
+        projector_images=FLAGS.projector_images, feature_cache_dir=FLAGS.feature_cache_dir,
+        word_embedding_init=FLAGS.word_embedding_init)
 
 
 def _resolved_flags() -> tuple[str, dict]:
