@@ -14,6 +14,8 @@ For the images of a raw dataset (default: ../shared's Flickr8k, train + dev, 7,0
 
     python -m experiments.benchmarks.data_pipeline
     python -m experiments.benchmarks.data_pipeline --max_images=500
+    python -m experiments.benchmarks.data_pipeline \\
+        --output_json=experiments/results/benchmarks/data_pipeline.json
     python -m experiments.benchmarks.data_pipeline --source_format=karpathy \\
         --captions=dataset_flickr30k.json --split_files= \\
         --image_root=flickr30k-images --shard_dir=/tmp/shards
@@ -34,6 +36,7 @@ import tensorflow as tf
 from data_prep import build_shards, readers, word2vec
 from data_prep.records import DataFormatError, SourceDataset
 from dual_path import input_pipeline, shard_format, text
+from experiments.benchmarks import report
 
 SHARED_FLICKR8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flickr8k"
 
@@ -58,6 +61,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224, help="train_dataset image side in pixels")
     parser.add_argument("--warmup_batches", type=int, default=3, help="train_dataset batches left out of the timing")
     parser.add_argument("--timed_batches", type=int, default=100, help="train_dataset batches timed")
+    report.add_output_argument(parser)
     args = parser.parse_args()
     if args.max_images is not None and args.max_images < 1:
         parser.error("--max_images must be at least 1")
@@ -176,6 +180,23 @@ def main() -> None:
         f"train_dataset: batch {args.batch_size}, {args.image_size} px, crop + flip",
         args.batch_size * args.timed_batches, "examples", pipeline_seconds,
     ))
+
+    if args.output_json:
+        figures = {
+            "raw_jpeg_decode_images_per_s": num_images / decode_seconds,
+            "build_shards_images_per_s": written["images"] / build_seconds,
+            "build_shards_seconds": build_seconds,
+            "word2vec_seconds": word2vec_seconds,
+            "train_dataset_examples_per_s": args.batch_size * args.timed_batches / pipeline_seconds,
+        }
+        ratios = {
+            "train_dataset_over_raw_jpeg_decode":
+                figures["train_dataset_examples_per_s"] / figures["raw_jpeg_decode_images_per_s"],
+            "word2vec_share_of_build_shards": word2vec_seconds / build_seconds,
+        }
+        settings = {**vars(args), "images": num_images, "written_images": written["images"],
+                    "written_captions": written["captions"], "dataset": source.name}
+        report.write_report(args.output_json, "data_pipeline", figures, ratios, settings)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ plain per-query argsort reference (VSE++ i2t/t2i with ties placed in favour of t
 correct item); the script prints both times and asserts the metrics are identical.
 
     python -m experiments.benchmarks.retrieval_metrics [--images 5000] [--captions 5]
+    python -m experiments.benchmarks.retrieval_metrics \\
+        --output_json=experiments/results/benchmarks/retrieval_metrics.json
 """
 import argparse
 import time
@@ -13,6 +15,7 @@ import time
 import numpy as np
 
 from dual_path import evaluation
+from experiments.benchmarks import report
 
 
 def argsort_reference(similarity: np.ndarray, image_of_text: np.ndarray) -> dict:
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--captions", type=int, default=5, help="captions per image")
     parser.add_argument("--seed", type=int, default=0)
+    report.add_output_argument(parser)
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -69,6 +73,19 @@ def main() -> None:
         print(f"  {name:10s} {metrics[name]:10.4f} {reference[name]:10.4f}   (5 folds: {metrics_1k[name]:.4f})")
     assert metrics == reference, "retrieval_metrics disagrees with the argsort reference"
     print("identical metrics")
+
+    if args.output_json:
+        figures = {
+            "retrieval_metrics_seconds": fast_seconds,
+            "retrieval_metrics_5_folds_seconds": folds_seconds,
+            "argsort_reference_seconds": reference_seconds,
+        }
+        ratios = {
+            "argsort_reference_over_retrieval_metrics": reference_seconds / fast_seconds,
+            "retrieval_metrics_5_folds_over_1_fold": folds_seconds / fast_seconds,
+        }
+        report.write_report(args.output_json, "retrieval_metrics", figures, ratios,
+                            {**vars(args), "texts": len(image_of_text)})
 
 
 if __name__ == "__main__":

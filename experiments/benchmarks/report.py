@@ -1,0 +1,123 @@
+"""The machine a benchmark ran on, and its figures as one JSON report.
+
+Every benchmark takes `--output_json=PATH` (see `add_output_argument`); with it, the
+script writes (atomically, `dual_path.atomic_write`)
+
+  {"benchmark": "train_step",
+   "machine":  {"cpu", "logical_cores", "memory_gib", "tensorflow", "keras", "gpus"},
+   "settings": {flag: value, ...},
+   "figures":  {"dual_path_examples_per_s": 41.2, ...},     flat, units in the names
+   "ratios":   {"dual_path_over_image_only": 0.31, ...},    each a ratio of two figures
+   "date":     "2025-01-31T12:00:00+00:00"}                 UTC, when the report was written
+
+that a separate script gathers into experiments/RESULTS.md.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+
+import keras
+import tensorflow as tf
+
+from dual_path.atomic_write import write_atomically
+
+_CPUINFO = "/proc/cpuinfo"
+_MEMINFO = "/proc/meminfo"
+
+
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """--output_json: where to write the report; default none (print only)."""
+    parser.add_argument("--output_json",
+                        help="also write the figures as a JSON report here "
+                             "(e.g. experiments/results/benchmarks/<name>.json); default: print only")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    if os.path.exists(_CPUINFO):
+        with open(_CPUINFO, encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model"):
+                    return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    """Total physical memory in GiB (2**30 bytes), or None where it cannot be read."""
+    if os.path.exists(_MEMINFO):
+        with open(_MEMINFO, encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) * 1024 / 2**30, 1)
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gpus() -> list[dict]:
+    """The GPUs TensorFlow sees: [{"name": "/physical_device:GPU:0", "model": "..."}]."""
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append({"name": device.name, "model": details.get("device_name", "")})
+    return gpus
+
+
+def machine() -> dict:
+    """{"cpu": model name, "logical_cores": int, "memory_gib": float | None,
+    "tensorflow": version, "keras": version, "gpus": [{"name", "model"}, ...]}."""
+    return {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "gpus": _gpus(),
+    }
+
+
+def describe(machine_info: dict) -> str:
+    """One line for a benchmark's printout: the GPUs (else the CPU), cores, TensorFlow version."""
+    device = ", ".join(gpu["model"] or gpu["name"] for gpu in machine_info["gpus"]) or f"{machine_info['cpu']} (CPU)"
+    return f"{device}, {machine_info['logical_cores']} logical cores, TensorFlow {machine_info['tensorflow']}"
+
+
+def _check_flat_numbers(kind: str, values: dict) -> None:
+    for name, value in values.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError(f"{kind} must map names to finite numbers, got {name!r}: {value!r}")
+
+
+def write_report(path: str, benchmark: str, figures: dict, ratios: dict, settings: dict) -> None:
+    """Writes the JSON report (format in the module docstring) to path, atomically.
+
+    Args:
+      path: the JSON file; its folder is created if needed.
+      benchmark: the script's name, e.g. "train_step".
+      figures: {name with its unit: number}, e.g. {"dual_path_examples_per_s": 41.2}.
+      ratios: {name: figure / figure}, e.g. {"dual_path_over_image_only": 0.31}.
+      settings: the run's settings (flag values), JSON-serialisable.
+    Raises:
+      ValueError: a figure or ratio is not a finite number.
+    """
+    _check_flat_numbers("figures", figures)
+    _check_flat_numbers("ratios", ratios)
+    report = {
+        "benchmark": benchmark,
+        "machine": machine(),
+        "settings": settings,
+        "figures": figures,
+        "ratios": ratios,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    directory = os.path.dirname(path)
+    if directory:
+        tf.io.gfile.makedirs(directory)
+    write_atomically(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    print(f"report written to {path}")

@@ -1,0 +1,179 @@
+"""The four benchmark scripts run end to end with tiny settings and write their JSON reports.
+
+Nothing here judges speed: each script runs as a subprocess (`python -m
+experiments.benchmarks.X --output_json=...`) on a tiny model and a tiny synthetic shard folder
+written by the real data_prep code (data_pipeline on a few of ../shared's Flickr8k images,
+skipped without it), and its report must name the machine, hold positive figures, and ratios
+equal to the ratio of the figures they name.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from data_prep import build_shards, synthetic
+from data_prep.readers import read_source
+from experiments.benchmarks import report
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+IMAGE_SIZE = 32
+TINY_MODEL = [
+    "--backbone=small_cnn", "--alpha=none", "--weights=none", f"--image_size={IMAGE_SIZE}",
+    "--small_cnn_widths=8,16", "--embedding_dim=16", "--text_blocks=1,1", "--text_widths=16,32",
+    "--head_dims=16,16",
+]
+REPORT_KEYS = {"benchmark", "machine", "settings", "figures", "ratios", "date"}
+
+
+class Synthetic(NamedTuple):
+    raw_dir: str
+    captions: str
+    shard_dir: str
+    manifest: dict
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Synthetic:
+    """16 train + 8 val synthetic 32x32 images with captions, and their shards."""
+    root = tmp_path_factory.mktemp("data")
+    captions = synthetic.generate(str(root / "raw"), num_train=16, num_val=8, num_test=0,
+                                  image_size=IMAGE_SIZE, seed=0)
+    shard_dir = str(root / "shards")
+    manifest = build_shards.build_shards(read_source("karpathy", captions=captions), shard_dir,
+                                         splits=("train", "val"), num_image_shards=2,
+                                         num_caption_shards=1, num_workers=1, embedding_dim=16)
+    return Synthetic(str(root / "raw"), captions, shard_dir, manifest)
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    """Runs experiments.benchmarks.<name> with args from the repository root; returns stdout."""
+    process = subprocess.run([sys.executable, "-m", f"experiments.benchmarks.{name}", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    return process.stdout
+
+
+def check_report(path: Path, benchmark: str, figures: set, ratios: dict) -> dict:
+    """The report at path, checked; ratios is {ratio name: (numerator figure, denominator figure)}."""
+    written = json.loads(path.read_text())
+    assert set(written) == REPORT_KEYS
+    assert written["benchmark"] == benchmark
+    machine = written["machine"]
+    assert machine["logical_cores"] == os.cpu_count() and machine["cpu"]
+    assert machine["memory_gib"] > 0 and machine["tensorflow"] and machine["keras"]
+    assert isinstance(machine["gpus"], list)
+    assert set(written["figures"]) == figures
+    assert all(value > 0 for value in written["figures"].values()), written["figures"]
+    assert set(written["ratios"]) == set(ratios)
+    for name, (numerator, denominator) in ratios.items():
+        assert written["ratios"][name] == pytest.approx(
+            written["figures"][numerator] / written["figures"][denominator], rel=1e-9), name
+    return written
+
+
+def test_train_step_times_every_step_and_the_pipeline_fed_by_the_shards(dataset, tmp_path):
+    output = tmp_path / "results" / "train_step.json"
+    # Classes and vocabulary other than the shards': the fed step builds its own model from the manifest.
+    stdout = run_benchmark("train_step", *TINY_MODEL, "--num_classes=50", "--vocab_size=80",
+                           "--batch_size=4", "--warmup_steps=1", "--steps=2", "--pipeline_batches=2",
+                           f"--shard_dir={dataset.shard_dir}", f"--output_json={output}")
+    written = check_report(output, "train_step", {
+        "dual_path_stage2_examples_per_s", "image_only_examples_per_s", "dual_path_stage1_examples_per_s",
+        "input_pipeline_examples_per_s", "pipeline_fed_stage2_examples_per_s"}, {
+        "dual_path_stage2_over_image_only": ("dual_path_stage2_examples_per_s", "image_only_examples_per_s"),
+        "dual_path_stage1_over_stage2": ("dual_path_stage1_examples_per_s", "dual_path_stage2_examples_per_s"),
+        "input_pipeline_over_dual_path_stage2": ("input_pipeline_examples_per_s",
+                                                 "dual_path_stage2_examples_per_s"),
+        "pipeline_fed_over_in_memory_stage2": ("pipeline_fed_stage2_examples_per_s",
+                                               "dual_path_stage2_examples_per_s"),
+    })
+    assert (f"the fed step's model takes the manifest's vocab_size {dataset.manifest['vocab_size']}, "
+            f"num_classes {dataset.manifest['num_classes']}") in stdout
+    assert written["settings"]["batch_size"] == 4 and written["settings"]["weights"] is None
+    assert f"report written to {output}" in stdout
+    assert f"{os.cpu_count()} logical cores, TensorFlow" in stdout
+
+
+def test_train_step_without_shards_says_how_to_build_them(tmp_path):
+    output = tmp_path / "train_step.json"
+    stdout = run_benchmark("train_step", *TINY_MODEL, "--num_classes=10", "--vocab_size=20",
+                           "--batch_size=2", "--warmup_steps=1", "--steps=1",
+                           f"--shard_dir={tmp_path / 'no_shards'}", f"--output_json={output}")
+    assert f"{tmp_path / 'no_shards'} holds no shards" in stdout
+    assert "dual-path-build-shards --source_format=flickr_tokens" in stdout
+    check_report(output, "train_step", {
+        "dual_path_stage2_examples_per_s", "image_only_examples_per_s", "dual_path_stage1_examples_per_s"}, {
+        "dual_path_stage2_over_image_only": ("dual_path_stage2_examples_per_s", "image_only_examples_per_s"),
+        "dual_path_stage1_over_stage2": ("dual_path_stage1_examples_per_s", "dual_path_stage2_examples_per_s"),
+    })
+
+
+def test_export_encode_compares_the_saved_model_with_the_keras_encoders(dataset, tmp_path):
+    output = tmp_path / "export_encode.json"
+    stdout = run_benchmark("export_encode", *TINY_MODEL, f"--shard_dir={dataset.shard_dir}",
+                           "--source_format=karpathy", f"--captions={dataset.captions}",
+                           f"--image_root={dataset.raw_dir}", "--split_files=", "--max_images=8",
+                           "--batch_size=4", f"--output_json={output}")
+    written = check_report(output, "export_encode", {
+        "saved_model_image_tensors_images_per_s", "keras_image_tensors_images_per_s",
+        "saved_model_jpeg_images_per_s", "keras_jpeg_images_per_s", "saved_model_sentences_captions_per_s",
+        "keras_token_ids_captions_per_s", "keras_python_tokenize_captions_per_s"}, {
+        "saved_model_over_keras_image_tensors": ("saved_model_image_tensors_images_per_s",
+                                                 "keras_image_tensors_images_per_s"),
+        "saved_model_over_keras_jpeg": ("saved_model_jpeg_images_per_s", "keras_jpeg_images_per_s"),
+        "saved_model_sentences_over_keras_token_ids": ("saved_model_sentences_captions_per_s",
+                                                       "keras_token_ids_captions_per_s"),
+        "saved_model_sentences_over_keras_python_tokenize": ("saved_model_sentences_captions_per_s",
+                                                             "keras_python_tokenize_captions_per_s"),
+    })
+    for name in ("image tensor", "JPEG", "sentence"):
+        assert f"{name}: max |SavedModel - Keras| = " in stdout
+    assert written["settings"]["images"] == 8 and written["settings"]["captions"] == 40
+    assert written["settings"]["vocab_size"] == dataset.manifest["vocab_size"]
+
+
+def test_data_pipeline_reports_on_a_few_flickr8k_images(tmp_path):
+    if not SHARED_FLICKR8K.is_dir():
+        pytest.skip(f"{SHARED_FLICKR8K} is absent")
+    output = tmp_path / "data_pipeline.json"
+    run_benchmark("data_pipeline", "--max_images=16", "--num_workers=1", "--embedding_dim=8",
+                  "--batch_size=4", "--image_size=32", "--warmup_batches=1", "--timed_batches=2",
+                  f"--output_json={output}")
+    written = check_report(output, "data_pipeline", {
+        "raw_jpeg_decode_images_per_s", "build_shards_images_per_s", "build_shards_seconds",
+        "word2vec_seconds", "train_dataset_examples_per_s"}, {
+        "train_dataset_over_raw_jpeg_decode": ("train_dataset_examples_per_s", "raw_jpeg_decode_images_per_s"),
+        "word2vec_share_of_build_shards": ("word2vec_seconds", "build_shards_seconds"),
+    })
+    assert written["settings"]["images"] == 16 and written["settings"]["written_images"] == 16
+    assert written["ratios"]["word2vec_share_of_build_shards"] < 1
+
+
+def test_retrieval_metrics_report(tmp_path):
+    output = tmp_path / "retrieval_metrics.json"
+    stdout = run_benchmark("retrieval_metrics", "--images=50", "--captions=5", f"--output_json={output}")
+    assert "identical metrics" in stdout
+    written = check_report(output, "retrieval_metrics", {
+        "retrieval_metrics_seconds", "retrieval_metrics_5_folds_seconds", "argsort_reference_seconds"}, {
+        "argsort_reference_over_retrieval_metrics": ("argsort_reference_seconds", "retrieval_metrics_seconds"),
+        "retrieval_metrics_5_folds_over_1_fold": ("retrieval_metrics_5_folds_seconds",
+                                                  "retrieval_metrics_seconds"),
+    })
+    assert written["settings"]["texts"] == 250
+
+
+def test_write_report_refuses_figures_that_are_not_flat_numbers(tmp_path):
+    path = tmp_path / "report.json"
+    for figures in ({"seconds": {"nested": 1.0}}, {"seconds": float("nan")}, {"seconds": True}):
+        with pytest.raises(ValueError, match="figures must map names to finite numbers"):
+            report.write_report(str(path), "x", figures, {}, {})
+    assert not path.exists()
+    report.write_report(str(path), "x", {"a_seconds": 2.0}, {"a_over_a": 1.0}, {"flag": "value"})
+    written = json.loads(path.read_text())
+    assert written["figures"] == {"a_seconds": 2.0} and written["settings"] == {"flag": "value"}
+    assert written["machine"] == report.machine()
