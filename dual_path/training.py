@@ -563,7 +563,10 @@ class Trainer:
 
     def evaluate(self, split: str) -> tuple[dict, embeddings.SplitEmbeddings, np.ndarray]:
         """(retrieval_metrics, the embeddings, similarity [N, M]) of a split."""
-        split_embeddings = self.split_embeddings(split)
+        return self._metrics(self.split_embeddings(split))
+
+    def _metrics(self, split_embeddings: embeddings.SplitEmbeddings
+                 ) -> tuple[dict, embeddings.SplitEmbeddings, np.ndarray]:
         similarity = split_embeddings.image @ split_embeddings.text.T
         metrics = evaluation.retrieval_metrics(similarity, split_embeddings.image_of_text,
                                                folds=self.config.eval_folds)
@@ -643,8 +646,15 @@ class Trainer:
         elif config.evaluate_test:
             logging.warning("no %r split in %s: test results skipped", config.test_split,
                             config.shard_dir)
+        validated_stage, validated_step, validated = self._last_validation
+        final_weights_validated = ((validated_stage, validated_step) == (stage, done["step"])
+                                   and os.path.basename(chosen) == done["final_checkpoint"])
         for split in splits:
-            results["metrics"][split] = self.evaluate(split)[0]
+            if split == config.validation_split and final_weights_validated:
+                # The end-of-stage validation embedded these very weights: not again.
+                results["metrics"][split] = self._metrics(validated)[0]
+            else:
+                results["metrics"][split] = self.evaluate(split)[0]
         return results
 
     def train(self) -> dict:

@@ -244,3 +244,26 @@ def test_same_seed_same_model(shard_dir, tmp_path):
     assert finals[0].keys() == finals[1].keys() and finals[0]
     for name, value in finals[0].items():
         np.testing.assert_array_equal(value, finals[1][name], err_msg=name)
+
+
+def test_final_results_of_the_last_checkpoint_reuse_its_validation(shard_dir, tmp_path, monkeypatch):
+    """With results_checkpoint="last" the stage's final validation already embedded the final
+    weights: the results reuse it (one embedding pass of the split, not two) and equal a fresh
+    evaluation of the restored model."""
+    embedded = []
+    original = training.Trainer.split_embeddings
+
+    def counting(self, split):
+        embedded.append(split)
+        return original(self, split)
+
+    monkeypatch.setattr(training.Trainer, "split_embeddings", counting)
+    model_dir = str(tmp_path / "run")
+    results = training.train(tiny_config(shard_dir, model_dir, [stage(1, epochs=2)],
+                                         results_checkpoint="last", validate_every_epochs=2))
+    assert embedded == ["val"]
+    model, _ = run_layout.restore(model_dir, which="last")
+    split = embeddings.SplitEmbedder(model.image_encoder, model.text_encoder, image_size=IMAGE_SIZE,
+                                     max_length=model.config.max_length, flip_images=False)(shard_dir, "val")
+    metrics = evaluation.retrieval_metrics(split.image @ split.text.T, split.image_of_text)
+    assert metrics == pytest.approx(results["metrics"]["val"])
