@@ -312,7 +312,22 @@ class Trainer:
                 multipliers[variable.path] = stage.backbone_lr_multiplier
         return multipliers
 
-    def _make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable):
+    def make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable):
+        """The training step of `stage`, as `run_stage` trains it.
+
+        Freeze or unfreeze the backbone (`model.backbone.trainable = stage.train_backbone`)
+        and build `optimizer` on `model.training_model.trainable_variables` first: the step
+        updates the variables trainable now. With `stage.feature_views > 0` it runs
+        `model.feature_training_model` on batches with "image_features" float32 [B, F] in place
+        of "image" float32 [B, S, S, 3].
+
+        Returns:
+          a tf.function: an iterator of (distributed) batches {"image" or "image_features",
+          "token_ids" int32 [B, L], "label" int32 [B]} -> {"loss", "rank_loss", "image_loss",
+          "text_loss", "image_accuracy", "text_accuracy"}: float32 scalars, global-batch means
+          of one step. Each call sets the optimizer's lr to `schedule(step)`, updates the
+          weights on `next(iterator)` and increments `step`.
+        """
         config = self.config
         weights = stage.loss_weights
         variables = self.model.training_model.trainable_variables
@@ -494,7 +509,7 @@ class Trainer:
                     best_manager, writers) -> None:
         config = self.config
         total_steps = stage.epochs * self.steps_per_epoch
-        train_step = self._make_train_step(stage, optimizer, schedule, step)
+        train_step = self.make_train_step(stage, optimizer, schedule, step)
         iterator = self._train_dataset(stage, int(step.numpy()))
         sums, interval_steps, interval_start = {}, 0, time.monotonic()
         while int(step.numpy()) < total_steps:

@@ -6,6 +6,7 @@ written by the real data_prep code (data_pipeline on a few of ../shared's Flickr
 skipped without it), and its report must name the machine, hold positive figures, and ratios
 equal to the ratio of the figures they name.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from data_prep import build_shards, synthetic
 from data_prep.readers import read_source
-from experiments.benchmarks import report
+from experiments.benchmarks import report, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
@@ -76,41 +77,59 @@ def check_report(path: Path, benchmark: str, figures: set, ratios: dict) -> dict
     return written
 
 
-def test_train_step_times_every_step_and_the_pipeline_fed_by_the_shards(dataset, tmp_path):
+TRAIN_STEP_FIGURES = {
+    "dual_path_stage2_examples_per_s", "image_only_examples_per_s", "dual_path_stage1_images_examples_per_s",
+    "dual_path_stage1_features_examples_per_s", "input_pipeline_examples_per_s",
+    "pipeline_fed_stage2_examples_per_s"}
+TRAIN_STEP_RATIOS = {
+    "dual_path_stage2_over_image_only": ("dual_path_stage2_examples_per_s", "image_only_examples_per_s"),
+    "dual_path_stage1_images_over_stage2": ("dual_path_stage1_images_examples_per_s",
+                                            "dual_path_stage2_examples_per_s"),
+    "dual_path_stage1_features_over_images": ("dual_path_stage1_features_examples_per_s",
+                                              "dual_path_stage1_images_examples_per_s"),
+    "input_pipeline_over_dual_path_stage2": ("input_pipeline_examples_per_s", "dual_path_stage2_examples_per_s"),
+    "pipeline_fed_over_in_memory_stage2": ("pipeline_fed_stage2_examples_per_s",
+                                           "dual_path_stage2_examples_per_s"),
+}
+
+
+def test_train_step_times_the_trainers_steps_and_the_pipeline_fed_by_the_shards(dataset, tmp_path):
     output = tmp_path / "results" / "train_step.json"
-    # Classes and vocabulary other than the shards': the fed step builds its own model from the manifest.
-    stdout = run_benchmark("train_step", *TINY_MODEL, "--num_classes=50", "--vocab_size=80",
-                           "--batch_size=4", "--warmup_steps=1", "--steps=2", "--pipeline_batches=2",
+    stdout = run_benchmark("train_step", *TINY_MODEL, "--stage1_loss_weights=0:1:1", "--batch_size=4",
+                           "--warmup_steps=1", "--steps=2", "--pipeline_batches=2",
                            f"--shard_dir={dataset.shard_dir}", f"--output_json={output}")
-    written = check_report(output, "train_step", {
-        "dual_path_stage2_examples_per_s", "image_only_examples_per_s", "dual_path_stage1_examples_per_s",
-        "input_pipeline_examples_per_s", "pipeline_fed_stage2_examples_per_s"}, {
-        "dual_path_stage2_over_image_only": ("dual_path_stage2_examples_per_s", "image_only_examples_per_s"),
-        "dual_path_stage1_over_stage2": ("dual_path_stage1_examples_per_s", "dual_path_stage2_examples_per_s"),
-        "input_pipeline_over_dual_path_stage2": ("input_pipeline_examples_per_s",
-                                                 "dual_path_stage2_examples_per_s"),
-        "pipeline_fed_over_in_memory_stage2": ("pipeline_fed_stage2_examples_per_s",
-                                               "dual_path_stage2_examples_per_s"),
-    })
-    assert (f"the fed step's model takes the manifest's vocab_size {dataset.manifest['vocab_size']}, "
-            f"num_classes {dataset.manifest['num_classes']}") in stdout
-    assert written["settings"]["batch_size"] == 4 and written["settings"]["weights"] is None
+    written = check_report(output, "train_step", TRAIN_STEP_FIGURES, TRAIN_STEP_RATIOS)
+    settings = written["settings"]
+    # The model is sized by the shards' manifest; the cached features are the backbone's (small_cnn: 16-d).
+    for name in ("vocab_size", "num_classes", "max_length"):
+        assert settings[name] == dataset.manifest[name], name
+    assert f"{dataset.manifest['num_classes']} classes, vocabulary {dataset.manifest['vocab_size']}" in stdout
+    assert "(16-d features)" in stdout and "stage I loss weights 0:1:1" in stdout
+    assert settings["batch_size"] == 4 and settings["weights"] is None
+    assert settings["text_widths"] == [16, 32] and settings["head_dims"] == [16, 16]
     assert f"report written to {output}" in stdout
     assert f"{os.cpu_count()} logical cores, TensorFlow" in stdout
 
 
-def test_train_step_without_shards_says_how_to_build_them(tmp_path):
+def test_train_step_model_defaults_are_the_flickr8k_run_s():
+    parser = argparse.ArgumentParser()
+    train_step.add_model_arguments(parser)
+    defaults = parser.parse_args([])
+    flags = (REPO / "experiments" / "configs" / "flickr8k.flags").read_text().splitlines()
+    for name in ("text_widths", "head_dims"):
+        assert f"--{name}={','.join(map(str, getattr(defaults, name)))}" in flags, name
+
+
+def test_train_step_without_shards_says_how_to_build_them_and_times_nothing(tmp_path):
     output = tmp_path / "train_step.json"
-    stdout = run_benchmark("train_step", *TINY_MODEL, "--num_classes=10", "--vocab_size=20",
-                           "--batch_size=2", "--warmup_steps=1", "--steps=1",
-                           f"--shard_dir={tmp_path / 'no_shards'}", f"--output_json={output}")
-    assert f"{tmp_path / 'no_shards'} holds no shards" in stdout
-    assert "dual-path-build-shards --source_format=flickr_tokens" in stdout
-    check_report(output, "train_step", {
-        "dual_path_stage2_examples_per_s", "image_only_examples_per_s", "dual_path_stage1_examples_per_s"}, {
-        "dual_path_stage2_over_image_only": ("dual_path_stage2_examples_per_s", "image_only_examples_per_s"),
-        "dual_path_stage1_over_stage2": ("dual_path_stage1_examples_per_s", "dual_path_stage2_examples_per_s"),
-    })
+    process = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmarks.train_step", *TINY_MODEL, "--batch_size=2",
+         f"--shard_dir={tmp_path / 'no_shards'}", f"--output_json={output}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert f"{tmp_path / 'no_shards'} holds no shards: nothing is timed" in process.stdout
+    assert "dual-path-build-shards --source_format=flickr_tokens" in process.stdout
+    assert not output.exists()
 
 
 def test_export_encode_compares_the_saved_model_with_the_keras_encoders(dataset, tmp_path):

@@ -1,45 +1,67 @@
-"""Times the dual-path training step against an image-only classifier (run by hand, not a test).
+"""Times the trainer's training step against an image-only classifier (run by hand, not a test).
 
-In one run, at the same batch size and image size, on this machine's CPU or GPU:
+The dual-path figures time the step the trainer runs, `Trainer.make_train_step` of a
+`dual_path.training.Trainer` built on --shard_dir (the model's vocabulary, classes and caption
+length come from the shards' manifest; without shards nothing is timed and the script says how
+to build them). Each dual-path variant gets its own step counter, lr schedule
+(`optimization.schedule_from_flags`) and optimizer (`optimization.build_optimizer`, the
+MatConvNet SGD update), built as `Trainer.run_stage` builds them, and runs --warmup_steps
+untimed steps before --steps timed ones. "In memory" means one random batch (images uniform in
+0..255, random captions and labels) fed to the step again and again through a tf.data iterator,
+as the trainer feeds its pipeline's. In one run, at the same batch size and image size, on this
+machine's CPU or GPU:
 
-(a) dual-path, stage II: the whole model trainable; the instance loss of both paths plus the
-    ranking loss, their gradients and the MatConvNet SGD update
-    (`dual_path.optimization.build_optimizer`) in one tf.function, on fixed in-memory random
-    batches, after --warmup_steps untimed steps;
+(a) stage II in memory: the whole model trainable (the backbone at lr x0.1), loss weights
+    1:1:1 (ranking loss and both instance losses);
 (b) baseline: the image path alone, `build_image_backbone` -> Dense(num_classes) softmax, a plain
     Keras model compiled with SGD (momentum 0.9, Nesterov) and sparse categorical cross-entropy
-    (jit_compile off, as the dual-path step), timed with `train_on_batch` on the same batches;
-    dual_path / image_only is the cost of the text path and the shared classifier W;
-(c) dual-path, stage I: the backbone frozen (`backbone.trainable = False`, its BatchNorm
-    statistics too) and the instance losses only, as the trainer's stage I;
+    (jit_compile off, as the dual-path step), timed with `train_on_batch` on the same batch;
+    (a)/(b) is the cost of the text path and the shared classifier W;
+(c) stage I on images in memory: the backbone frozen (`backbone.trainable = False`, its
+    BatchNorm statistics too), loss weights --stage1_loss_weights, the batch's images run
+    through the frozen backbone every step;
 (d) the input pipeline: `dual_path.input_pipeline.train_dataset` over --shard_dir alone, then
-    fed into the stage II step of a model sized by the shards' manifest (vocabulary, classes,
-    caption length). pipeline / stage II must be above 1: the pipeline must not be the
-    bottleneck. Skipped, with the command that builds the shards, when --shard_dir is absent.
+    fed into the stage II step of (a). pipeline / stage II must be above 1: the pipeline must
+    not be the bottleneck;
+(e) stage I on cached features in memory: `StageConfig(feature_views=8, train_backbone=False)`,
+    the step on {"image_features": float32 [B, F], the frozen backbone's features of the
+    batch's images (F = the backbone's output size), "token_ids", "label"}, as the trainer
+    feeds it from `dual_path.feature_cache` (the cache's one-off cost is not included);
+    (e)/(c) is the speed-up of the feature cache.
 
 Every figure is examples (image-caption pairs) per second.
+
+The architecture flags default to the model of experiments/configs/flickr8k.flags: MobileNet
+alpha 0.25 at 224 px with ../shared's ImageNet weights, the paper's text CNN depth (3-4-6-1
+blocks) at half its widths (--text_widths=128,256,512,1024) and 1024-d heads
+(--head_dims=1024,1024); the paper's model is --text_widths=256,512,1024,2048
+--head_dims=2048,2048. The other trainer settings (lr, momentum, weight decay, margin, loss
+over all negatives) are flickr8k.flags'; they do not change the timing.
 
     python -m experiments.benchmarks.train_step
     python -m experiments.benchmarks.train_step --steps=20 --batch_size=64 \\
         --output_json=experiments/results/benchmarks/train_step.json
+    python -m experiments.benchmarks.train_step --text_widths=256,512,1024,2048 --head_dims=2048,2048
     python -m experiments.benchmarks.train_step --backbone=ResNet50 --alpha=none --weights=none
 
-The defaults (MobileNet alpha 0.25 at 224 px with ../shared's ImageNet weights, the paper's
-text path, batch 32) take about 3 minutes on 2 CPU cores.
+With the defaults it runs four dual-path steps and the baseline 13 times each and draws 33
+pipeline batches: minutes on 2 CPU cores.
 """
 import argparse
 import dataclasses
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from dual_path import image_path, input_pipeline, losses, optimization
-from dual_path.model import DualPath, DualPathConfig, build_dual_path
+from dual_path import image_path, input_pipeline, optimization, training
+from dual_path.model import DualPathConfig
 from experiments.benchmarks import report
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -57,10 +79,12 @@ BUILD_SHARDS_COMMAND = (
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
-MARGIN = 1.0
-IN_MEMORY_BATCHES = 4
-"""Distinct random batches, used in turn."""
-STEP_KEYS = ("image", "token_ids", "label")
+MARGIN = 0.2
+HARDEST_NEGATIVE = False
+STAGE2_BACKBONE_LR_MULTIPLIER = 0.1
+STAGE2_LOSS_WEIGHTS = training.LossWeights(rank=1.0, image=1.0, text=1.0)
+FEATURE_VIEWS = 8
+"""Cached augmented views per image of (e); the step's cost does not depend on it."""
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -74,8 +98,17 @@ def _optional_float(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
 
 
+def _loss_weights(value: str) -> str:
+    try:
+        training.LossWeights.parse(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The architecture flags (DualPathConfig's fields); defaults: the Flickr8k run's model."""
+    """The architecture flags (DualPathConfig's fields); defaults: the Flickr8k run's model
+    (experiments/configs/flickr8k.flags)."""
     parser.add_argument("--backbone", default="MobileNet", help="keras.applications name or small_cnn")
     parser.add_argument("--alpha", type=_optional_float, default=0.25,
                         help="MobileNet width multiplier; 'none' for backbones without one")
@@ -86,8 +119,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small_cnn_widths", type=_int_list, default=(32, 64, 128, 256))
     parser.add_argument("--embedding_dim", type=int, default=300, help="word vector size")
     parser.add_argument("--text_blocks", type=_int_list, default=(3, 4, 6, 1))
-    parser.add_argument("--text_widths", type=_int_list, default=(256, 512, 1024, 2048))
-    parser.add_argument("--head_dims", type=_int_list, default=(2048, 2048))
+    parser.add_argument("--text_widths", type=_int_list, default=(128, 256, 512, 1024),
+                        help="text CNN stage widths; the paper's: 256,512,1024,2048")
+    parser.add_argument("--head_dims", type=_int_list, default=(1024, 1024),
+                        help="fc sizes of each path's head; the paper's: 2048,2048")
     parser.add_argument("--dropout", type=float, default=0.75)
 
 
@@ -117,20 +152,19 @@ def model_config(args: argparse.Namespace, *, vocab_size: int, num_classes: int,
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
-    parser.add_argument("--num_classes", type=int, default=6000, help="instance classes (a, b, c)")
-    parser.add_argument("--vocab_size", type=int, default=7377, help="token ids (a, c)")
-    parser.add_argument("--max_length", type=int, default=32, help="token ids per caption (a, c)")
+    parser.add_argument("--stage1_loss_weights", type=_loss_weights, default="1:1:1",
+                        help="rank:image:text of (c) and (e); the paper's stage I: 0:1:1")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps (tracing included)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
-    parser.add_argument("--shard_dir", default=DEFAULT_SHARD_DIR, help="shards for (d)")
+    parser.add_argument("--shard_dir", default=DEFAULT_SHARD_DIR,
+                        help="shards: the model's sizes (manifest.json) and the pipeline of (d)")
     parser.add_argument("--pipeline_warmup_batches", type=int, default=3)
     parser.add_argument("--pipeline_batches", type=int, default=30, help="timed pipeline batches alone")
     parser.add_argument("--seed", type=int, default=0)
     report.add_output_argument(parser)
     args = parser.parse_args()
-    for name in ("image_size", "embedding_dim", "num_classes", "vocab_size", "max_length",
-                 "batch_size", "warmup_steps", "steps", "pipeline_batches"):
+    for name in ("image_size", "embedding_dim", "batch_size", "warmup_steps", "steps", "pipeline_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.pipeline_warmup_batches < 0:
@@ -139,56 +173,47 @@ def _parse_args() -> argparse.Namespace:
     return args
 
 
-def random_batches(config: DualPathConfig, batch_size: int, count: int, seed: int) -> list[dict]:
-    """count batches of random training inputs, as tensors on the default device.
+def random_batch(config: DualPathConfig, batch_size: int, seed: int) -> dict:
+    """One batch of random training inputs, as tensors.
 
-    Each: "image" float32 [B, S, S, 3] uniform in 0..255; "token_ids" int32 [B, L], a random
-    length in 1..L of ids in [2, vocab_size) from slot 0, then padding; "label" int32 [B] in
-    [0, num_classes).
+    "image" float32 [B, S, S, 3] uniform in 0..255; "token_ids" int32 [B, L], a random length in
+    1..L of ids in [2, vocab_size) from slot 0, then padding; "label" int32 [B] in [0, num_classes).
     """
     rng = np.random.default_rng(seed)
     size, length = config.image_size, config.max_length
-    batches = []
-    for _ in range(count):
-        lengths = rng.integers(1, length + 1, batch_size)
-        token_ids = rng.integers(2, max(config.vocab_size, 3), (batch_size, length))
-        token_ids[np.arange(length)[np.newaxis, :] >= lengths[:, np.newaxis]] = 0
-        batches.append({
-            "image": tf.constant(rng.uniform(0.0, 255.0, (batch_size, size, size, 3)), tf.float32),
-            "token_ids": tf.constant(token_ids, tf.int32),
-            "label": tf.constant(rng.integers(0, config.num_classes, batch_size), tf.int32),
-        })
-    return batches
+    lengths = rng.integers(1, length + 1, batch_size)
+    token_ids = rng.integers(2, max(config.vocab_size, 3), (batch_size, length))
+    token_ids[np.arange(length)[np.newaxis, :] >= lengths[:, np.newaxis]] = 0
+    return {
+        "image": tf.constant(rng.uniform(0.0, 255.0, (batch_size, size, size, 3)), tf.float32),
+        "token_ids": tf.constant(token_ids, tf.int32),
+        "label": tf.constant(rng.integers(0, config.num_classes, batch_size), tf.int32),
+    }
 
 
-def dual_path_step(model: DualPath, ranking: bool) -> Callable[[dict], tf.Tensor]:
-    """One training step of the model's trainable variables, as the trainer's on one replica.
+def repeated(trainer: training.Trainer, batch: dict) -> Iterator:
+    """An iterator of `batch` forever, distributed by the trainer's strategy as its pipeline is."""
+    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    return iter(trainer.strategy.experimental_distribute_dataset(dataset))
 
-    Returns a tf.function: {"image", "token_ids", "label"} batch -> float32 scalar loss
-    (image + text instance losses, plus the hardest-negative ranking loss when `ranking`).
-    Freeze parts (backbone.trainable) before calling this: the variables are fixed here.
+
+def trainer_step(trainer: training.Trainer, stage: training.StageConfig) -> Callable[[Iterator], dict]:
+    """`trainer.make_train_step` of `stage`, with a fresh step counter, schedule and optimizer.
+
+    Freezes or unfreezes the backbone as the stage says, as `Trainer.run_stage` does; the
+    returned step must be traced (called first) before the backbone's state changes again.
     """
-    network = model.training_model
-    variables = network.trainable_variables
-    optimizer = optimization.build_optimizer(
-        LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-        lr_multipliers=model.lr_multipliers(), loss_scaling=False)
-    optimizer.build(variables)
-
-    @tf.function
-    def step(batch):
-        with tf.GradientTape() as tape:
-            outputs = network({"image": batch["image"], "token_ids": batch["token_ids"]}, training=True)
-            loss = (losses.instance_loss(outputs["image_logits"], batch["label"])
-                    + losses.instance_loss(outputs["text_logits"], batch["label"]))
-            if ranking:
-                loss += losses.ranking_loss(outputs["image_embedding"], outputs["text_embedding"],
-                                            margin=MARGIN, hardest_negative=True, labels=batch["label"])
-        gradients = [tf.convert_to_tensor(gradient) for gradient in tape.gradient(loss, variables)]
-        optimizer.apply(gradients, variables)
-        return loss
-
-    return step
+    config = trainer.config
+    trainer.model.backbone.trainable = stage.train_backbone
+    schedule = optimization.schedule_from_flags(
+        stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, trainer.steps_per_epoch)
+    with trainer.strategy.scope():
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        optimizer = optimization.build_optimizer(
+            schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
+            lr_multipliers=trainer._lr_multipliers(stage), loss_scaling=False)
+        optimizer.build(trainer.model.training_model.trainable_variables)
+    return trainer.make_train_step(stage, optimizer, schedule, step)
 
 
 def image_only_classifier(config: DualPathConfig) -> keras.Model:
@@ -221,6 +246,12 @@ def time_steps(run_step: Callable[[int], object], warmup: int, steps: int) -> fl
     return time.perf_counter() - start
 
 
+def time_trainer_step(step: Callable[[Iterator], dict], batches: Iterator, warmup: int,
+                      steps: int) -> float:
+    """Seconds of `steps` trainer steps on `batches` after `warmup` untimed ones."""
+    return time_steps(lambda _: step(batches)["loss"], warmup, steps)
+
+
 def time_pipeline(batches, warmup: int, count: int) -> float:
     """Seconds to draw `count` batches from an iterator after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -240,33 +271,23 @@ def load_manifest_or_explain(shard_dir: str, consequence: str) -> dict | None:
         return None
 
 
-def time_input_pipeline(args: argparse.Namespace, config: DualPathConfig, manifest: dict,
-                        stage2: Callable[[dict], tf.Tensor]) -> dict:
+def time_input_pipeline(args: argparse.Namespace, trainer: training.Trainer,
+                        stage2: Callable[[Iterator], dict]) -> dict:
     """(d): {"input_pipeline_examples_per_s", "pipeline_fed_stage2_examples_per_s"}.
 
-    The fed step is `stage2` when the manifest's vocabulary, classes and caption length are the
-    config's, else the stage II step of a model built with the manifest's.
+    The pipeline is the trainer's for a stage on images (`input_pipeline.train_dataset` with
+    its batch size, image size, caption length and augmentation); the fed step is `stage2`.
     """
-    shard_config = dataclasses.replace(config, vocab_size=manifest["vocab_size"],
-                                       num_classes=manifest["num_classes"],
-                                       max_length=manifest["max_length"])
-    batch = args.batch_size
+    config = trainer.config
     pipeline = input_pipeline.train_dataset(
-        args.shard_dir, batch_size=batch, image_size=config.image_size,
-        max_length=shard_config.max_length, seed=args.seed)
+        config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
+        max_length=config.model.max_length, seed=config.seed, flip=config.flip,
+        position_shift=config.position_shift)
     alone = time_pipeline(iter(pipeline), args.pipeline_warmup_batches, args.pipeline_batches)
-    if shard_config == config:
-        fed_step = stage2
-    else:
-        print(f"note: the fed step's model takes the manifest's vocab_size {shard_config.vocab_size}, "
-              f"num_classes {shard_config.num_classes}, max_length {shard_config.max_length}")
-        fed_step = dual_path_step(build_dual_path(shard_config), ranking=True)
-    fed_batches = iter(pipeline)
-    fed = time_steps(
-        lambda _: fed_step({key: value for key, value in next(fed_batches).items() if key in STEP_KEYS}),
-        args.warmup_steps, args.steps)
-    return {"input_pipeline_examples_per_s": batch * args.pipeline_batches / alone,
-            "pipeline_fed_stage2_examples_per_s": batch * args.steps / fed}
+    fed_batches = iter(trainer.strategy.experimental_distribute_dataset(pipeline))
+    fed = time_trainer_step(stage2, fed_batches, args.warmup_steps, args.steps)
+    return {"input_pipeline_examples_per_s": config.batch_size * args.pipeline_batches / alone,
+            "pipeline_fed_stage2_examples_per_s": config.batch_size * args.steps / fed}
 
 
 def _parameters(variables: Sequence[tf.Variable]) -> int:
@@ -279,68 +300,93 @@ def _row(name: str, examples_per_s: float, ratio_text: str = "") -> str:
 
 def main() -> None:
     args = _parse_args()
-    config = model_config(args, vocab_size=args.vocab_size, num_classes=args.num_classes,
-                          max_length=args.max_length)
+    manifest = load_manifest_or_explain(args.shard_dir, "nothing is timed (the trainer needs them)")
+    if manifest is None:
+        sys.exit(1)
+    keras.utils.set_random_seed(args.seed)
+    config = model_config(args, vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"],
+                          max_length=manifest["max_length"])
+    stage2 = training.StageConfig(
+        stage=2, epochs=1, lr_values=(LEARNING_RATE,), lr_boundaries=(),
+        loss_weights=STAGE2_LOSS_WEIGHTS, train_backbone=True,
+        backbone_lr_multiplier=STAGE2_BACKBONE_LR_MULTIPLIER)
+    stage1_images = training.StageConfig(
+        stage=1, epochs=1, lr_values=(LEARNING_RATE,), lr_boundaries=(),
+        loss_weights=training.LossWeights.parse(args.stage1_loss_weights), train_backbone=False)
+    stage1_features = dataclasses.replace(stage1_images, feature_views=FEATURE_VIEWS)
+    with tempfile.TemporaryDirectory() as model_dir:
+        trainer = training.Trainer(training.TrainConfig(
+            model_dir=model_dir, shard_dir=args.shard_dir, model=config,
+            stages=(stage1_images, stage2), batch_size=args.batch_size, seed=args.seed,
+            margin=MARGIN, hardest_negative=HARDEST_NEGATIVE, momentum=MOMENTUM,
+            weight_decay=WEIGHT_DECAY, word_embedding_init="random"))
     batch, warmup, steps = args.batch_size, args.warmup_steps, args.steps
     examples = batch * steps
-    batches = random_batches(config, batch, IN_MEMORY_BATCHES, args.seed)
+    images_batch = random_batch(config, batch, args.seed)
+    features_batch = {"image_features": trainer.model.backbone(images_batch["image"], training=False),
+                      "token_ids": images_batch["token_ids"], "label": images_batch["label"]}
 
-    def in_memory(step):
-        return lambda index: step(batches[index % IN_MEMORY_BATCHES])
-
-    model = build_dual_path(config)
-    dual_path_parameters = _parameters(model.training_model.trainable_variables)
-    stage2 = dual_path_step(model, ranking=True)
-    figures = {"dual_path_stage2_examples_per_s": examples / time_steps(in_memory(stage2), warmup, steps)}
+    # Stage II is timed first, fed too, while the backbone is trainable: a step is traced
+    # with the backbone's state at its first call.
+    stage2_step = trainer_step(trainer, stage2)
+    dual_path_parameters = _parameters(trainer.model.training_model.trainable_variables)
+    figures = {"dual_path_stage2_examples_per_s":
+               examples / time_trainer_step(stage2_step, repeated(trainer, images_batch), warmup, steps)}
+    figures.update(time_input_pipeline(args, trainer, stage2_step))
 
     classifier = image_only_classifier(config)
     figures["image_only_examples_per_s"] = examples / time_steps(
-        lambda index: classifier.train_on_batch(batches[index % IN_MEMORY_BATCHES]["image"],
-                                                batches[index % IN_MEMORY_BATCHES]["label"]),
-        warmup, steps)
+        lambda _: classifier.train_on_batch(images_batch["image"], images_batch["label"]), warmup, steps)
 
-    manifest = load_manifest_or_explain(args.shard_dir, "the input pipeline (d) is not timed")
-    if manifest is not None:
-        figures.update(time_input_pipeline(args, config, manifest, stage2))
-
-    model.backbone.trainable = False
-    stage1 = dual_path_step(model, ranking=False)
-    figures["dual_path_stage1_examples_per_s"] = examples / time_steps(in_memory(stage1), warmup, steps)
+    stage1_images_step = trainer_step(trainer, stage1_images)
+    figures["dual_path_stage1_images_examples_per_s"] = examples / time_trainer_step(
+        stage1_images_step, repeated(trainer, images_batch), warmup, steps)
+    stage1_features_step = trainer_step(trainer, stage1_features)
+    figures["dual_path_stage1_features_examples_per_s"] = examples / time_trainer_step(
+        stage1_features_step, repeated(trainer, features_batch), warmup, steps)
 
     stage2_rate = figures["dual_path_stage2_examples_per_s"]
+    stage1_images_rate = figures["dual_path_stage1_images_examples_per_s"]
     ratios = {
         "dual_path_stage2_over_image_only": stage2_rate / figures["image_only_examples_per_s"],
-        "dual_path_stage1_over_stage2": figures["dual_path_stage1_examples_per_s"] / stage2_rate,
+        "dual_path_stage1_images_over_stage2": stage1_images_rate / stage2_rate,
+        "dual_path_stage1_features_over_images":
+            figures["dual_path_stage1_features_examples_per_s"] / stage1_images_rate,
+        "input_pipeline_over_dual_path_stage2": figures["input_pipeline_examples_per_s"] / stage2_rate,
+        "pipeline_fed_over_in_memory_stage2": figures["pipeline_fed_stage2_examples_per_s"] / stage2_rate,
     }
-    if manifest is not None:
-        ratios["input_pipeline_over_dual_path_stage2"] = figures["input_pipeline_examples_per_s"] / stage2_rate
-        ratios["pipeline_fed_over_in_memory_stage2"] = figures["pipeline_fed_stage2_examples_per_s"] / stage2_rate
 
     print(f"\n{report.describe(report.machine())}")
-    print(f"{config.backbone} (alpha {config.alpha}, weights {config.weights}) at {config.image_size} px, "
-          f"text blocks {config.text_blocks} widths {config.text_widths}, head {config.head_dims}, "
-          f"{config.num_classes} classes, vocabulary {config.vocab_size}, L {config.max_length}; "
-          f"batch {batch}, {steps} timed steps after {warmup}; "
-          f"{dual_path_parameters:,} trainable dual-path parameters")
+    print(f"{config.backbone} (alpha {config.alpha}, weights {config.weights}) at {config.image_size} px "
+          f"({features_batch['image_features'].shape[-1]}-d features), text blocks {config.text_blocks} "
+          f"widths {config.text_widths}, head {config.head_dims}, {config.num_classes} classes, "
+          f"vocabulary {config.vocab_size}, L {config.max_length} (from {args.shard_dir}); "
+          f"stage I loss weights {args.stage1_loss_weights}; batch {batch}, "
+          f"{steps} timed steps after {warmup}; "
+          f"{dual_path_parameters:,} trainable dual-path parameters in stage II")
     print(f"{'':<66}{'examples/s':>12}  ratio")
-    print(_row("(a) dual-path stage II step: both instance losses + ranking loss", stage2_rate))
+    print(_row("(a) trainer's stage II step: ranking + both instance losses", stage2_rate))
     print(_row("(b) image path alone + Dense softmax, Keras train_on_batch",
                figures["image_only_examples_per_s"],
                f"(a)/(b) {ratios['dual_path_stage2_over_image_only']:.2f}"))
-    print(_row("(c) dual-path stage I step: backbone frozen, instance losses",
-               figures["dual_path_stage1_examples_per_s"],
-               f"(c)/(a) {ratios['dual_path_stage1_over_stage2']:.2f}"))
-    if manifest is not None:
-        print(_row(f"(d) train_dataset alone over {args.shard_dir}", figures["input_pipeline_examples_per_s"],
-                   f"(d)/(a) {ratios['input_pipeline_over_dual_path_stage2']:.2f}"))
-        print(_row("    train_dataset fed into the stage II step", figures["pipeline_fed_stage2_examples_per_s"],
-                   f"fed/(a) {ratios['pipeline_fed_over_in_memory_stage2']:.2f}"))
-        if ratios["input_pipeline_over_dual_path_stage2"] <= 1.0:
-            print("WARNING: the input pipeline is slower than the train step: it is the bottleneck")
+    print(_row("(c) trainer's stage I step on images through the frozen backbone",
+               stage1_images_rate, f"(c)/(a) {ratios['dual_path_stage1_images_over_stage2']:.2f}"))
+    print(_row(f"(d) train_dataset alone over {args.shard_dir}", figures["input_pipeline_examples_per_s"],
+               f"(d)/(a) {ratios['input_pipeline_over_dual_path_stage2']:.2f}"))
+    print(_row("    train_dataset fed into the stage II step", figures["pipeline_fed_stage2_examples_per_s"],
+               f"fed/(a) {ratios['pipeline_fed_over_in_memory_stage2']:.2f}"))
+    print(_row("(e) trainer's stage I step on cached backbone features",
+               figures["dual_path_stage1_features_examples_per_s"],
+               f"(e)/(c) {ratios['dual_path_stage1_features_over_images']:.2f}"))
+    if ratios["input_pipeline_over_dual_path_stage2"] <= 1.0:
+        print("WARNING: the input pipeline is slower than the train step: it is the bottleneck")
 
     if args.output_json:
-        settings = {**vars(args), "dual_path_trainable_parameters": dual_path_parameters,
-                    "learning_rate": LEARNING_RATE, "margin": MARGIN}
+        settings = {**vars(args), "vocab_size": config.vocab_size, "num_classes": config.num_classes,
+                    "max_length": config.max_length, "dual_path_trainable_parameters": dual_path_parameters,
+                    "learning_rate": LEARNING_RATE, "margin": MARGIN, "hardest_negative": HARDEST_NEGATIVE,
+                    "stage2_backbone_lr_multiplier": STAGE2_BACKBONE_LR_MULTIPLIER,
+                    "feature_views": FEATURE_VIEWS}
         report.write_report(args.output_json, "train_step", figures, ratios, settings)
 
 
