@@ -6,7 +6,7 @@ losses. Stage II starts from stage I's final checkpoint, unfreezes the backbone 
 own lr multiplier) and adds the ranking loss. Each stage has its own loss weights
 (rank:image:text), epochs, lr schedule and a fresh optimizer, as the original's two runs.
 
-One training step (`_train_step`) runs under `strategy.run`: every loss follows
+One training step (`Trainer.make_train_step`) runs under `strategy.run`: every loss follows
 `dual_path.losses`' convention (sum over the replica's rows / global batch size), the
 optimizer all-reduces the gradients with SUM, and the per-replica losses are reduced with
 SUM, so the numbers are global-batch means for any number of replicas.
