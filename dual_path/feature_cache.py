@@ -14,9 +14,11 @@ On disk, under the cache folder, one subfolder per cache key:
 The key is a digest of everything the features depend on: the split's shard manifest, the
 backbone's architecture and weight values, the view count, image size, seed, flip mode and crop
 ranges. Runs with the same backbone and data (the ablations) share one cache; a folder is
-written under a temporary name and renamed into place, so a killed run leaves no partial cache.
+written under a temporary name and renamed into place, so a killed run never leaves a partial
+cache in use (its temporary folder is deleted by the next run that computes the same key).
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -81,6 +83,20 @@ def _load(directory: str) -> FeatureCache:
     return FeatureCache(features=features, flipped=flipped, directory=directory)
 
 
+def _remove_abandoned(directory: str) -> None:
+    """Deletes `<directory>.partial-<pid>` folders whose process is gone (a killed run's)."""
+    for partial in glob.glob(f"{glob.escape(directory)}.partial-*"):
+        try:
+            os.kill(int(partial.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            logging.info("feature cache: removing %s, left by a run that was killed", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, views: int, image_size: int,
                     seed: int, flip: str = "swap_left_right", split: str = "train",
                     crop_area: tuple[float, float] = (0.8, 1.0),
@@ -105,6 +121,7 @@ def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, vi
         shard_dir, views=views, batch_size=_EMBED_BATCH, image_size=image_size, seed=seed, flip=flip,
         crop_area=crop_area, crop_aspect=crop_aspect, split=split)
     embed = tf.function(lambda images: backbone(images, training=False))
+    _remove_abandoned(directory)
     partial = f"{directory}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)

@@ -8,6 +8,8 @@ that a stage I run on the cache trains and hands over to stage II.
 """
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,25 @@ def test_random_word_init_ignores_the_word2vec_vectors(shard_dir, tmp_path):
     assert not np.allclose(embedding("random"), word2vec)
     with pytest.raises(ValueError, match="word_embedding_init"):
         embedding("glove")
+
+
+def test_a_killed_runs_partial_cache_is_removed_by_the_next_run(model, shard_dir, tmp_path):
+    key = feature_cache.cache_key(model.backbone, shard_dir, split="train", views=1, image_size=IMAGE_SIZE,
+                                  seed=9, flip="swap_left_right", crop_area=(0.8, 1.0),
+                                  crop_aspect=(3 / 4, 4 / 3))["key"]
+    finished = subprocess_pid_that_has_exited()
+    abandoned = tmp_path / f"{key}.partial-{finished}"
+    abandoned.mkdir()
+    (abandoned / feature_cache.FEATURES_FILE).write_bytes(b"half written")
+    alive = tmp_path / f"{key}.partial-1"  # pid 1 always runs
+    alive.mkdir()
+    cache = feature_cache.load_or_compute(model.backbone, shard_dir, str(tmp_path), views=1,
+                                          image_size=IMAGE_SIZE, seed=9)
+    assert cache.features.shape[:2] == (NUM_TRAIN, 1)
+    assert sorted(os.listdir(tmp_path)) == sorted([key, alive.name])
+
+
+def subprocess_pid_that_has_exited() -> int:
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True, check=True)
+    return int(process.stdout)
