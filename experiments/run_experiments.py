@@ -80,7 +80,8 @@ def _config(dataset: str) -> str:
     return f"experiments/configs/{dataset}.flags"
 
 
-def _ablation_config(dataset: str) -> str:
+def ablation_config(dataset: str) -> str:
+    """The ablation flagfile of a dataset, relative to the repository root."""
     return f"experiments/configs/ablations/{dataset}.flags"
 
 
@@ -108,7 +109,7 @@ _CACHES_FEATURES = {"flickr8k": True, "synthetic": False}
 def _ablation_rows(dataset: str) -> dict[str, Row]:
     changes = {**_COMMON_ABLATIONS, **_TEXT_DEPTH_ABLATIONS[dataset]}
     return {
-        name: Row(dataset, name, description, (_config(dataset), _ablation_config(dataset)),
+        name: Row(dataset, name, description, (_config(dataset), ablation_config(dataset)),
                   row_flags, _CACHES_FEATURES[dataset])
         for name, (description, row_flags) in changes.items()
     }

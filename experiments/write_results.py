@@ -9,14 +9,16 @@ Inputs, under --results_dir (default experiments/results):
                                 experiments/benchmarks/report.py)
 
 The page has a Flickr8k section (the main run on the dev split next to published figures),
-one ablation table per dataset and one section per benchmark report; whatever has no JSON yet
-says "not run yet". The output depends on the JSON only: rows in table order, files sorted by
-name, fixed number formats.
+one ablation table per dataset (under the comment of its ablation flagfile, which says what the
+rows share) and one section per benchmark report; whatever has no JSON yet says "not run yet".
+The output depends on the JSON and those flagfile comments only: rows in table order, files
+sorted by name, fixed number formats.
 """
 import glob
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from absl import app, flags
@@ -25,6 +27,8 @@ from dual_path.atomic_write import write_atomically
 from experiments import run_experiments
 
 FLAGS = flags.FLAGS
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_RESULTS_DIR = "experiments/results"
 DEFAULT_OUTPUT = "experiments/RESULTS.md"
@@ -202,6 +206,16 @@ def _table_order(dataset: str, rows: dict[str, dict]) -> list[str]:
     return known + sorted(set(rows) - set(known))
 
 
+def _ablation_setting(dataset: str) -> list[str]:
+    """The comment of the dataset's ablation flagfile (what every row shares), as a paragraph."""
+    path = REPO / run_experiments.ablation_config(dataset)
+    if not path.is_file():
+        return []
+    comment = " ".join(line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                       if line.startswith("#"))
+    return [f"Setting ({run_experiments.ablation_config(dataset)}): {comment}", ""] if comment else []
+
+
 def ablation_table(dataset: str, records: dict[str, dict]) -> list[str]:
     rows = {name: record for name, record in records.items() if name != MAIN_ROW}
     lines = [f"### {dataset}", ""]
@@ -217,6 +231,7 @@ def ablation_table(dataset: str, records: dict[str, dict]) -> list[str]:
                            *(recall(metrics[column]) for column in RECALL_COLUMNS),
                            recall(metrics["rsum"]), _wall_time_of(rows[name])])
     lines += [
+        *_ablation_setting(dataset),
         f"{dataset} ablations on the \"{split}\" split: i2t image->text, t2i text->image, R@K in "
         "percent, rsum the sum of the six.",
         "",

@@ -178,3 +178,20 @@ def test_command_writes_the_page_and_check_catches_a_hand_edit(results_dir, tmp_
     assert checked.returncode == 1
     assert f"{output} differs from what the JSON gives" in checked.stderr
     assert output.read_text() == edited  # --check writes nothing
+
+
+def test_each_ablation_table_says_what_its_rows_share(results_dir):
+    page = write_results.render(str(results_dir))
+    for dataset in ("synthetic", "flickr8k"):
+        setting = f"Setting (experiments/configs/ablations/{dataset}.flags): "
+        assert setting in page
+        paragraph = page.split(setting, 1)[1].split("\n", 1)[0]
+        assert "stage I alone for 8 epochs" in paragraph and "#" not in paragraph
+
+
+def test_the_committed_results_page_is_what_the_committed_json_gives():
+    """RESULTS.md is generated, never typed: a hand edit, or a new record without regenerating
+    the page, fails here (and so in CI)."""
+    page = (REPO / write_results.DEFAULT_OUTPUT).read_text(encoding="utf-8")
+    assert page == write_results.render(str(REPO / write_results.DEFAULT_RESULTS_DIR)), (
+        f"experiments/RESULTS.md is out of date: run `{write_results.REGENERATE}`")
