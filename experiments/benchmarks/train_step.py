@@ -32,16 +32,18 @@ machine's CPU or GPU:
 Every figure is examples (image-caption pairs) per second.
 
 The architecture flags default to the model of experiments/configs/flickr8k.flags: MobileNet
-alpha 0.25 at 224 px with ../shared's ImageNet weights, the paper's text CNN depth (3-4-6-1
-blocks) at half its widths (--text_widths=128,256,512,1024) and 1024-d heads
-(--head_dims=1024,1024); the paper's model is --text_widths=256,512,1024,2048
---head_dims=2048,2048. The other trainer settings (lr, momentum, weight decay, margin, loss
-over all negatives) are flickr8k.flags'; they do not change the timing.
+alpha 0.25 at 224 px with ../shared's ImageNet weights, a text CNN of one bottleneck block per
+stage (--text_blocks=1,1,1,1) at half the paper's widths (--text_widths=128,256,512,1024) and
+1024-d heads (--head_dims=1024,1024); the paper's model is --text_blocks=3,4,6,1
+--text_widths=256,512,1024,2048 --head_dims=2048,2048. The other trainer settings (lr,
+momentum, weight decay, margin, loss over all negatives) are flickr8k.flags'; they do not change
+the timing.
 
     python -m experiments.benchmarks.train_step
     python -m experiments.benchmarks.train_step --steps=20 --batch_size=64 \\
         --output_json=experiments/results/benchmarks/train_step.json
-    python -m experiments.benchmarks.train_step --text_widths=256,512,1024,2048 --head_dims=2048,2048
+    python -m experiments.benchmarks.train_step --text_blocks=3,4,6,1 \\
+        --text_widths=256,512,1024,2048 --head_dims=2048,2048
     python -m experiments.benchmarks.train_step --backbone=ResNet50 --alpha=none --weights=none
 
 With the defaults it runs four dual-path steps and the baseline 13 times each and draws 33
@@ -118,7 +120,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image_size", type=int, default=224, help="input image side in pixels")
     parser.add_argument("--small_cnn_widths", type=_int_list, default=(32, 64, 128, 256))
     parser.add_argument("--embedding_dim", type=int, default=300, help="word vector size")
-    parser.add_argument("--text_blocks", type=_int_list, default=(3, 4, 6, 1))
+    parser.add_argument("--text_blocks", type=_int_list, default=(1, 1, 1, 1),
+                        help="bottleneck blocks per text CNN stage (the paper: 3,4,6,1)")
     parser.add_argument("--text_widths", type=_int_list, default=(128, 256, 512, 1024),
                         help="text CNN stage widths; the paper's: 256,512,1024,2048")
     parser.add_argument("--head_dims", type=_int_list, default=(1024, 1024),
