@@ -12,12 +12,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-from data_prep import build_shards, synthetic
-from data_prep.readers import read_source
 from experiments.benchmarks import report, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,24 +28,11 @@ TINY_MODEL = [
 REPORT_KEYS = {"benchmark", "machine", "settings", "figures", "ratios", "date"}
 
 
-class Synthetic(NamedTuple):
-    raw_dir: str
-    captions: str
-    shard_dir: str
-    manifest: dict
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Synthetic:
-    """16 train + 8 val synthetic 32x32 images with captions, and their shards."""
-    root = tmp_path_factory.mktemp("data")
-    captions = synthetic.generate(str(root / "raw"), num_train=16, num_val=8, num_test=0,
-                                  image_size=IMAGE_SIZE, seed=0)
-    shard_dir = str(root / "shards")
-    manifest = build_shards.build_shards(read_source("karpathy", captions=captions), shard_dir,
-                                         splits=("train", "val"), num_image_shards=2,
-                                         num_caption_shards=1, num_workers=1, embedding_dim=16)
-    return Synthetic(str(root / "raw"), captions, shard_dir, manifest)
+def dataset(synthetic_shards):
+    """16 train + 8 val synthetic 32x32 images with captions (raw_dir, captions), and their
+    shards (shard_dir, manifest)."""
+    return synthetic_shards("data", num_train=16, num_val=8, image_size=IMAGE_SIZE, seed=0)
 
 
 def run_benchmark(name: str, *args: str) -> str:

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep import build_shards, synthetic
-from data_prep.readers import read_source
 from dual_path import feature_cache, input_pipeline, text, training
 from dual_path.model import DualPathConfig, build_dual_path
 
@@ -28,15 +26,8 @@ BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    captions = synthetic.generate(str(root / "raw"), num_train=NUM_TRAIN, num_val=8, num_test=0,
-                                  image_size=IMAGE_SIZE, seed=1)
-    shards = str(root / "shards")
-    build_shards.build_shards(read_source("karpathy", captions=captions), shards,
-                              splits=("train", "val"), num_image_shards=2, num_caption_shards=1,
-                              num_workers=1, embedding_dim=16)
-    return shards
+def shard_dir(synthetic_shards) -> str:
+    return synthetic_shards("data", num_train=NUM_TRAIN, num_val=8, image_size=IMAGE_SIZE, seed=1).shard_dir
 
 
 def model_config(shard_dir: str) -> DualPathConfig:

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import build_shards, synthetic
-from data_prep.readers import read_source
 from experiments import run_experiments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,16 +154,10 @@ def test_flickr8k_without_shards_or_raw_data_says_how_to_build_them(tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> str:
+def tiny_shards(synthetic_shards) -> str:
     """The synthetic dataset (40 train, 12 val, 12 test images of 32x32) -> shards via data_prep."""
-    root = tmp_path_factory.mktemp("data")
-    captions = synthetic.generate(str(root / "raw"), num_train=40, num_val=12, num_test=12,
-                                  image_size=IMAGE_SIZE, seed=0)
-    shard_dir = str(root / "shards")
-    build_shards.build_shards(read_source("karpathy", captions=captions), shard_dir,
-                              num_image_shards=2, num_caption_shards=1, num_workers=1,
-                              embedding_dim=16)
-    return shard_dir
+    return synthetic_shards("data", num_train=40, num_val=12, num_test=12, image_size=IMAGE_SIZE,
+                            seed=0).shard_dir
 
 
 def run_runner(*arguments: str) -> subprocess.CompletedProcess:

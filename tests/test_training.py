@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep import build_shards, synthetic
-from data_prep.readers import read_source
 from dual_path import embeddings, evaluation, run_layout, training
 from dual_path.model import DualPathConfig
 
@@ -39,16 +37,9 @@ TINY_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory) -> str:
+def shard_dir(synthetic_shards) -> str:
     """Synthetic dataset (40 train, 12 val images of 32x32) -> shards, via the real data_prep."""
-    root = tmp_path_factory.mktemp("data")
-    captions = synthetic.generate(str(root / "raw"), num_train=NUM_TRAIN, num_val=12, num_test=0,
-                                  image_size=IMAGE_SIZE, seed=0)
-    shards = str(root / "shards")
-    build_shards.build_shards(read_source("karpathy", captions=captions), shards,
-                              splits=("train", "val"), num_image_shards=2, num_caption_shards=1,
-                              num_workers=1, embedding_dim=16)
-    return shards
+    return synthetic_shards("data", num_train=NUM_TRAIN, num_val=12, image_size=IMAGE_SIZE, seed=0).shard_dir
 
 
 def tiny_config(shard_dir, model_dir, stages, **overrides) -> training.TrainConfig:

@@ -28,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Sequence
 
 import tensorflow as tf
@@ -38,20 +37,10 @@ from data_prep.records import DataFormatError, SourceDataset
 from dual_path import input_pipeline, shard_format, text
 from experiments.benchmarks import report
 
-SHARED_FLICKR8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flickr8k"
-
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source_format", default="flickr_tokens", choices=sorted(readers.FORMATS))
-    parser.add_argument("--captions", default=str(SHARED_FLICKR8K / "Flickr8k_text" / "Flickr8k.token.txt"),
-                        help="caption file(s) of the raw dataset")
-    parser.add_argument("--image_root", default=str(SHARED_FLICKR8K / "Flicker8k_Dataset"),
-                        help="image folder of the raw dataset")
-    parser.add_argument("--split_files",
-                        default=",".join(f"{split}={SHARED_FLICKR8K / 'Flickr8k_text' / f'Flickr_8k.{split}Images.txt'}"
-                                         for split in ("train", "dev")),
-                        help="split lists (flickr_tokens, coco); '' for formats that carry their splits")
+    report.add_raw_dataset_arguments(parser, splits=("train", "dev"))
     parser.add_argument("--shard_dir", help="empty folder for the shards (kept); default: a temporary one, removed")
     parser.add_argument("--max_images", type=int, help="images timed in every stage; default: all")
     parser.add_argument("--num_workers", type=int, help="build_shards worker processes; default: one per CPU")

@@ -42,7 +42,6 @@ from dual_path import embeddings, export, input_pipeline, text
 from dual_path.model import build_dual_path
 from experiments.benchmarks import report, train_step
 
-SHARED_FLICKR8K = train_step.SHARED / "data" / "flickr8k"
 MAX_ABS_DIFFERENCE = 1e-4
 """The largest |SavedModel - Keras| embedding difference accepted (unit-length rows)."""
 
@@ -52,14 +51,7 @@ def _parse_args() -> argparse.Namespace:
     train_step.add_model_arguments(parser)
     parser.add_argument("--shard_dir", default=train_step.DEFAULT_SHARD_DIR,
                         help="shards whose vocab.txt and manifest.json the export takes")
-    parser.add_argument("--source_format", default="flickr_tokens", choices=sorted(readers.FORMATS))
-    parser.add_argument("--captions", default=str(SHARED_FLICKR8K / "Flickr8k_text" / "Flickr8k.token.txt"),
-                        help="caption file(s) of the raw dataset")
-    parser.add_argument("--image_root", default=str(SHARED_FLICKR8K / "Flicker8k_Dataset"),
-                        help="image folder of the raw dataset")
-    parser.add_argument("--split_files",
-                        default=f"dev={SHARED_FLICKR8K / 'Flickr8k_text' / 'Flickr_8k.devImages.txt'}",
-                        help="split lists (flickr_tokens, coco); '' for formats that carry their splits")
+    report.add_raw_dataset_arguments(parser, splits=("dev",))
     parser.add_argument("--max_images", type=int, default=256,
                         help="images encoded (the first ones); their captions are the texts")
     parser.add_argument("--batch_size", type=int, default=32)

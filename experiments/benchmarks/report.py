@@ -1,7 +1,8 @@
-"""The machine a benchmark ran on, and its figures as one JSON report.
+"""The machine a benchmark ran on, its figures as one JSON report, and the flags benchmarks share.
 
-Every benchmark takes `--output_json=PATH` (see `add_output_argument`); with it, the
-script writes (atomically, `dual_path.atomic_write`)
+Benchmarks that read a raw dataset take its flags from `add_raw_dataset_arguments`
+(default: ../shared's Flickr8k). Every benchmark takes `--output_json=PATH` (see
+`add_output_argument`); with it, the script writes (atomically, `dual_path.atomic_write`)
 
   {"benchmark": "train_step",
    "machine":  {"cpu", "logical_cores", "memory_gib", "tensorflow", "keras", "gpus"},
@@ -18,14 +19,33 @@ import json
 import math
 import os
 import platform
+from pathlib import Path
+from typing import Sequence
 
 import keras
 import tensorflow as tf
 
+from data_prep import readers
 from dual_path.atomic_write import write_atomically
 
+SHARED_FLICKR8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flickr8k"
 _CPUINFO = "/proc/cpuinfo"
 _MEMINFO = "/proc/meminfo"
+
+
+def add_raw_dataset_arguments(parser: argparse.ArgumentParser, splits: Sequence[str]) -> None:
+    """--source_format, --captions, --image_root, --split_files: the raw dataset a benchmark reads
+    (`data_prep.readers.read_source`'s arguments); default ../shared's Flickr8k in flickr_tokens
+    format, with the split lists of splits (Flickr8k's names: "train", "dev", "test")."""
+    text_dir = SHARED_FLICKR8K / "Flickr8k_text"
+    parser.add_argument("--source_format", default="flickr_tokens", choices=sorted(readers.FORMATS))
+    parser.add_argument("--captions", default=str(text_dir / "Flickr8k.token.txt"),
+                        help="caption file(s) of the raw dataset")
+    parser.add_argument("--image_root", default=str(SHARED_FLICKR8K / "Flicker8k_Dataset"),
+                        help="image folder of the raw dataset")
+    parser.add_argument("--split_files",
+                        default=",".join(f"{split}={text_dir / f'Flickr_8k.{split}Images.txt'}" for split in splits),
+                        help="split lists (flickr_tokens, coco); '' for formats that carry their splits")
 
 
 def add_output_argument(parser: argparse.ArgumentParser) -> None:
