@@ -100,7 +100,7 @@ def test_train_step_model_defaults_are_the_flickr8k_run_s():
     train_step.add_model_arguments(parser)
     defaults = parser.parse_args([])
     flags = (REPO / "experiments" / "configs" / "flickr8k.flags").read_text().splitlines()
-    for name in ("text_widths", "head_dims"):
+    for name in ("text_blocks", "text_widths", "head_dims"):
         assert f"--{name}={','.join(map(str, getattr(defaults, name)))}" in flags, name
 
 
