@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import build_shards, synthetic
-from data_prep.readers import read_source
+from data_prep import synthetic
 from dual_path import export, search, text, training
 from dual_path.model import DualPathConfig
 
@@ -44,15 +43,10 @@ class SearchSetup(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> SearchSetup:
+def setup(synthetic_shards, tmp_path_factory) -> SearchSetup:
+    data = synthetic_shards("search", num_train=NUM_TRAIN, num_val=8, image_size=IMAGE_SIZE)
+    shard_dir, dataset_json, manifest = data.shard_dir, data.captions, data.manifest
     root = tmp_path_factory.mktemp("search")
-    dataset_json = synthetic.generate(str(root / "raw"), num_train=NUM_TRAIN, num_val=8,
-                                      num_test=0, image_size=IMAGE_SIZE, seed=0)
-    shard_dir = str(root / "shards")
-    build_shards.build_shards(read_source("karpathy", captions=dataset_json), shard_dir,
-                              splits=("train", "val"), num_image_shards=2, num_caption_shards=1,
-                              num_workers=1, embedding_dim=16)
-    manifest = json.loads(Path(shard_dir, "manifest.json").read_text())
     model = DualPathConfig(
         vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"],
         max_length=manifest["max_length"], backbone="small_cnn", weights=None,
@@ -72,7 +66,7 @@ def setup(tmp_path_factory) -> SearchSetup:
     images = json.loads(Path(dataset_json).read_text())["images"]
     train_captions = {image["filename"]: [sentence["raw"] for sentence in image["sentences"]]
                       for image in images if image["split"] == "train"}
-    return SearchSetup(root / "raw", shard_dir, exported.export_dir, train_captions)
+    return SearchSetup(Path(data.raw_dir), shard_dir, exported.export_dir, train_captions)
 
 
 @pytest.fixture(scope="module")
