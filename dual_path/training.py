@@ -98,6 +98,9 @@ class StageConfig:
     train_backbone: bool
     """False freezes the backbone's weights and BatchNorm statistics (stage I)."""
     backbone_lr_multiplier: float = 1.0
+    hardest_negative: bool | None = None
+    """The stage's ranking loss on the hardest negative (True) or the sum (False); None:
+    TrainConfig.hardest_negative."""
     feature_views: int = 0
     """With a frozen backbone: train on its cached features of this many augmented views per
     image (`dual_path.feature_cache`); 0 runs the backbone on freshly augmented images."""
@@ -142,6 +145,8 @@ class TrainConfig:
     feature_cache_dir: str | None = None
     """Where cached backbone features are kept (stages with feature_views); default
     model_dir/feature_cache. Runs on the same shards and backbone can share one."""
+    stage1_from: str | None = None
+    """Stage II starts from this run's finished stage I (its model_dir) instead of model_dir's."""
     word_embedding_init: str = "word2vec"
     """"word2vec": the shard folder's word2vec_init.npy (random where it is absent); "random"."""
 
@@ -157,6 +162,9 @@ class TrainConfig:
             if stage.feature_views < 0 or (stage.feature_views and stage.train_backbone):
                 raise ValueError(f"stage {stage.stage}: cached features (feature_views "
                                  f"{stage.feature_views}) need a frozen backbone and a count >= 0")
+        if self.stage1_from and numbers != [2]:
+            raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
+                             f"stage I: train stage 2 only, not stages {numbers}")
         if self.word_embedding_init not in WORD_EMBEDDING_INITS:
             raise ValueError(f"word_embedding_init must be one of {WORD_EMBEDDING_INITS}, got "
                              f"{self.word_embedding_init!r}")
@@ -330,6 +338,8 @@ class Trainer:
         """
         config = self.config
         weights = stage.loss_weights
+        hardest_negative = (config.hardest_negative if stage.hardest_negative is None
+                            else stage.hardest_negative)
         variables = self.model.training_model.trainable_variables
         if stage.feature_views:
             model, image_input = self.model.feature_training_model, "image_features"
@@ -345,7 +355,7 @@ class Trainer:
                 if weights.rank:
                     rank_loss = losses.ranking_loss(
                         outputs["image_embedding"], outputs["text_embedding"], margin=config.margin,
-                        hardest_negative=config.hardest_negative, labels=batch["label"])
+                        hardest_negative=hardest_negative, labels=batch["label"])
                 else:
                     rank_loss = tf.constant(0.0)
                 total = weights.rank * rank_loss + weights.image * image_loss + weights.text * text_loss
@@ -485,14 +495,15 @@ class Trainer:
         return isinstance(self.strategy, tf.distribute.TPUStrategy)
 
     def _load_stage1_final(self) -> None:
-        done = run_layout.read_done_marker(self.config.model_dir, 1)
+        stage1_dir = self.config.stage1_from or self.config.model_dir
+        done = run_layout.read_done_marker(stage1_dir, 1)
         if done is None:
             raise FileNotFoundError(
                 f"stage II starts from stage I's final checkpoint, but "
-                f"{os.path.join(run_layout.stage_dir(self.config.model_dir, 1), run_layout.DONE_MARKER)}"
+                f"{os.path.join(run_layout.stage_dir(stage1_dir, 1), run_layout.DONE_MARKER)}"
                 " does not exist: "
                 f"train stage I first (--stage=1 or --stage=both)")
-        path = run_layout.checkpoint_path(self.config.model_dir, 1, done, "last")
+        path = run_layout.checkpoint_path(stage1_dir, 1, done, "last")
         tf.train.Checkpoint(model=self.model.training_model).read(path).expect_partial() \
             .assert_existing_objects_matched()
         logging.info("stage 2: starts from stage I's final checkpoint %s", path)

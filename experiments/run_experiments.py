@@ -66,6 +66,7 @@ class Row(NamedTuple):
     flagfiles: paths relative to the repository root, in order; flags come after them.
     caches_features: stage I trains on cached backbone features, so the run gets
     --feature_cache_dir (shared by the dataset's rows).
+    stage1_from_row: the run gets --stage1_from=<that row's model_dir> (run that row first).
     """
 
     dataset: str
@@ -74,6 +75,8 @@ class Row(NamedTuple):
     flagfiles: tuple[str, ...]
     flags: tuple[str, ...]
     caches_features: bool
+    stage1_from_row: str | None = None
+    """Stage II only, from the finished stage I of this row of the same dataset (--stage1_from)."""
 
 
 def _config(dataset: str) -> str:
@@ -122,6 +125,11 @@ ROWS: dict[str, dict[str, Row]] = {
                     "Both stages: Stage I on the frozen backbone's cached features, then Stage II "
                     "end to end, each on instance + ranking losses",
                     (_config("flickr8k"),), (), True),
+        "main_stage2_hardest": Row(
+            "flickr8k", "main_stage2_hardest",
+            "Stage II of the main run again from its stage I, with the paper's ranking loss on "
+            "the hardest negative", (_config("flickr8k"),),
+            ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main"),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),
@@ -186,6 +194,8 @@ def train_command(row: Row, *, shard_dir: str, run_dir: str, cache_dir: str,
     command += [f"--shard_dir={repo_relative(shard_dir)}", f"--model_dir={repo_relative(run_dir)}"]
     if row.caches_features:
         command.append(f"--feature_cache_dir={repo_relative(cache_dir)}")
+    if row.stage1_from_row:  # the rows of a dataset are sibling folders
+        command.append(f"--stage1_from={repo_relative(str(Path(run_dir).parent / row.stage1_from_row))}")
     return command + list(extra_flags)
 
 

@@ -55,6 +55,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("position_shift", True, "Random caption position in its max_length slots.")
     flags.DEFINE_float("margin", 1.0, "Ranking loss margin (cosine units).")
     flags.DEFINE_bool("hardest_negative", True, "Ranking loss on the hardest negative; else the sum.")
+    flags.DEFINE_bool("stage2_hardest_negative", None,
+                      "Stage II's ranking loss on the hardest negative (or, --no..., the sum); "
+                      "default: --hardest_negative.")
+    flags.DEFINE_string("stage1_from", None,
+                        "With --stage=2: start from the finished stage I of this other run "
+                        "(its model_dir) instead of --model_dir's own.")
 
     # Optimisation, per stage.
     flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
@@ -135,6 +141,7 @@ def stage_configs() -> list[training.StageConfig]:
             train_backbone=number == 2 or FLAGS.stage1_train_backbone,
             backbone_lr_multiplier=FLAGS.stage2_backbone_lr_multiplier if number == 2 else 1.0,
             feature_views=FLAGS.stage1_feature_views if number == 1 else 0,
+            hardest_negative=FLAGS.stage2_hardest_negative if number == 2 else None,
         )
         for number in numbers
     ]
@@ -155,7 +162,7 @@ def train_config() -> training.TrainConfig:
         eval_folds=FLAGS.eval_folds, evaluate_test=FLAGS.evaluate_test,
         results_checkpoint=FLAGS.results_checkpoint,
         projector_images=FLAGS.projector_images, feature_cache_dir=FLAGS.feature_cache_dir,
-        word_embedding_init=FLAGS.word_embedding_init)
+        word_embedding_init=FLAGS.word_embedding_init, stage1_from=FLAGS.stage1_from)
 
 
 def _resolved_flags() -> tuple[str, dict]:

@@ -169,32 +169,36 @@ def _run_details(record: dict) -> list[str]:
     ]
 
 
+def is_main_row(name: str) -> bool:
+    """The main run and its variants (the Flickr8k table), as opposed to ablation rows."""
+    return name == MAIN_ROW or name.startswith(MAIN_ROW + "_")
+
+
 def flickr8k_section(records: dict[str, dict]) -> list[str]:
     lines = ["## Flickr8k", ""]
-    main = records.get(MAIN_ROW)
+    main_rows = [name for name in _table_order("flickr8k", records) if is_main_row(name)]
     header = ["method", "i2t R@1", "i2t R@5", "i2t R@10", "i2t medr",
               "t2i R@1", "t2i R@5", "t2i R@10", "t2i medr"]
     rows = []
-    if main:
-        metrics = _metrics(main, FLICKR8K_SPLIT)
-        rows.append(["this implementation (main run)",
+    for name in main_rows:
+        metrics = _metrics(records[name], FLICKR8K_SPLIT)
+        rows.append([f"this implementation ({name})",
                      *(recall(metrics[f"i2t_r{k}"]) for k in (1, 5, 10)), rank(metrics["i2t_medr"]),
                      *(recall(metrics[f"t2i_r{k}"]) for k in (1, 5, 10)), rank(metrics["t2i_medr"])])
     for method, (i2t_r1, t2i_r1) in PUBLISHED_FLICKR8K_R1.items():
         rows.append([method, recall(i2t_r1), "", "", "", recall(t2i_r1), "", "", ""])
-    description = run_experiments.ROWS["flickr8k"][MAIN_ROW].description
     lines += [
-        f"Main run. {description}. Evaluated on the 1,000 dev images (the split built as "
-        f"\"{FLICKR8K_SPLIT}\"; the shared copy has no test split, so its dev split is the test set), "
-        f"next to published figures on the 1K test split from {PUBLISHED_SOURCE}; "
-        "i2t: image->text, t2i: text->image, R@K in percent.",
+        f"Evaluated on the 1,000 dev images (the split built as \"{FLICKR8K_SPLIT}\"; the shared "
+        "copy has no test split, so its dev split is the test set), next to published figures on "
+        f"the 1K test split from {PUBLISHED_SOURCE}; i2t: image->text, t2i: text->image, R@K in "
+        "percent.",
         "",
         *_table(header, rows),
         "",
     ]
-    if main:
-        lines += _run_details(main)
-    else:
+    for name in main_rows:
+        lines += [f"{name}: {records[name]['description']}.", "", *_run_details(records[name]), ""]
+    if MAIN_ROW not in records:
         lines.append(f"Main run: {NOT_RUN} "
                      "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main`).")
     return lines + [""]
@@ -217,7 +221,7 @@ def _ablation_setting(dataset: str) -> list[str]:
 
 
 def ablation_table(dataset: str, records: dict[str, dict]) -> list[str]:
-    rows = {name: record for name, record in records.items() if name != MAIN_ROW}
+    rows = {name: record for name, record in records.items() if not is_main_row(name)}
     lines = [f"### {dataset}", ""]
     if not rows:
         return lines + [f"{NOT_RUN.capitalize()} (`python -m experiments.run_experiments "
@@ -240,7 +244,7 @@ def ablation_table(dataset: str, records: dict[str, dict]) -> list[str]:
         "",
     ]
     missing = [name for name in run_experiments.ROWS.get(dataset, {})
-               if name not in rows and name != MAIN_ROW]
+               if name not in rows and not is_main_row(name)]
     if missing:
         lines += [f"{NOT_RUN.capitalize()}: {', '.join(missing)}.", ""]
     machines = sorted({machine_text(rows[name].get("machine", {})) for name in order})

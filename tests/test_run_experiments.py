@@ -29,7 +29,8 @@ TINY_EXTRA_FLAGS = [
 ]
 WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classifier",
                  "position_shift", "text_blocks", "text_widths", "evaluate_test",
-                 "word_embedding_init", "stage1_feature_views", "backbone"]
+                 "word_embedding_init", "stage1_feature_views", "backbone",
+                 "stage2_hardest_negative", "stage1_from", "hardest_negative"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -83,8 +84,8 @@ EXPECTED = {
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "both", "ranking_only", "instance_only", "separate_classifiers",
-        "no_position_shift", "random_word_init", "deep_text"]
+        "main", "main_stage2_hardest", "both", "ranking_only", "instance_only",
+        "separate_classifiers", "no_position_shift", "random_word_init", "deep_text"]
     assert list(run_experiments.ROWS["synthetic"]) == [
         "both", "ranking_only", "instance_only", "separate_classifiers", "no_position_shift",
         "random_word_init", "deep_text"]
@@ -129,6 +130,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if row == "main":
             assert values["stage"] == "both" and values["stage1_loss_weights"] == "1:1:1"
             assert values["backbone"] == "MobileNet"
+            continue
+        if row == "main_stage2_hardest":
+            assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
+            assert values["hardest_negative"] is False  # stage I's, from flickr8k.flags
             continue
         weights, share, shift, blocks = EXPECTED[row]
         assert values["stage"] == "1" and values["stage1_epochs"] == 8, name

@@ -5,6 +5,7 @@ a non-finite loss stops the run with the last good checkpoint kept; mixed precis
 MirroredStrategy on two logical CPUs (its own process); resume after SIGKILL of
 experiments/train.py mid-stage, with finished stages not trained again.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -258,3 +259,33 @@ def test_final_results_of_the_last_checkpoint_reuse_its_validation(shard_dir, tm
                                      max_length=model.config.max_length, flip_images=False)(shard_dir, "val")
     metrics = evaluation.retrieval_metrics(split.image @ split.text.T, split.image_of_text)
     assert metrics == pytest.approx(results["metrics"]["val"])
+
+
+def test_stage2_from_another_runs_stage1_with_its_own_ranking_loss(shard_dir, tmp_path, monkeypatch):
+    """--stage1_from starts stage II from another run's finished stage I, and a stage's own
+    hardest_negative overrides the run's: the paper's hard negatives in stage II only."""
+    first = str(tmp_path / "first")
+    training.train(tiny_config(shard_dir, first, [stage(1)], hardest_negative=False))
+    hardest_used = []
+    original = training.losses.ranking_loss
+
+    def recording(*args, hardest_negative, **kwargs):
+        hardest_used.append(hardest_negative)
+        return original(*args, hardest_negative=hardest_negative, **kwargs)
+
+    monkeypatch.setattr(training.losses, "ranking_loss", recording)
+    second = str(tmp_path / "second")
+    stage2 = dataclasses.replace(stage(2, weights="1:1:1"), hardest_negative=True)
+    config = tiny_config(shard_dir, second, [stage2], hardest_negative=False, stage1_from=first)
+    trainer = training.Trainer(config)
+    trainer._load_stage1_final()
+    first_model, _ = run_layout.restore(first, which="last")
+    token_ids = np.arange(2 * config.model.max_length, dtype=np.int32).reshape(2, -1) % 7 + 2
+    np.testing.assert_allclose(trainer.model.text_encoder(token_ids), first_model.text_encoder(token_ids),
+                               rtol=1e-6)
+    results = trainer.train()
+    assert hardest_used and set(hardest_used) == {True}
+    assert not os.path.exists(run_layout.stage_dir(second, 1))
+    assert results["stage"] == 2 and np.isfinite(results["metrics"]["val"]["rsum"])
+    with pytest.raises(ValueError, match="stage1_from"):
+        tiny_config(shard_dir, second, [stage(1), stage2], stage1_from=first)

@@ -84,7 +84,7 @@ def section(page: str, title: str) -> str:
 def test_flickr8k_main_run_next_to_published_figures(results_dir):
     page = write_results.render(str(results_dir))
     flickr = section(page, "## Flickr8k")
-    assert ("| this implementation (main run) | 20.1 | 45.7 | 58.0 | 7 | 15.3 | 38.0 | 51.0 | 10 |"
+    assert ("| this implementation (main) | 20.1 | 45.7 | 58.0 | 7 | 15.3 | 38.0 | 51.0 | 10 |"
             in flickr)
     for method, (i2t, t2i) in write_results.PUBLISHED_FLICKR8K_R1.items():
         assert f"| {method} | {i2t:.1f} |  |  |  | {t2i:.1f} |  |  |  |" in flickr
@@ -195,3 +195,14 @@ def test_the_committed_results_page_is_what_the_committed_json_gives():
     page = (REPO / write_results.DEFAULT_OUTPUT).read_text(encoding="utf-8")
     assert page == write_results.render(str(REPO / write_results.DEFAULT_RESULTS_DIR)), (
         f"experiments/RESULTS.md is out of date: run `{write_results.REGENERATE}`")
+
+
+def test_a_variant_of_the_main_run_joins_the_flickr8k_table_not_the_ablations(results_dir):
+    write_record(results_dir / "runs", "flickr8k", "main_stage2_hardest",
+                 {"val": metrics((22.0, 47.0, 60.0), (16.0, 39.0, 52.0))}, 1200)
+    page = write_results.render(str(results_dir))
+    flickr8k, ablations = page.split("## Ablations", 1)
+    assert "| this implementation (main_stage2_hardest) | 22.0 | 47.0 | 60.0 | 3 |" in flickr8k
+    assert flickr8k.index("(main) |") < flickr8k.index("(main_stage2_hardest) |")
+    assert "main_stage2_hardest: main_stage2_hardest described." in flickr8k
+    assert "main_stage2_hardest" not in ablations
