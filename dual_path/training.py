@@ -313,6 +313,24 @@ class Trainer:
 
     # ---- one stage -------------------------------------------------------------------
 
+    def prepare_stage(self, stage: StageConfig) -> tuple[optimization.PiecewiseConstantSchedule,
+                                                          tf.Variable, keras.optimizers.Optimizer]:
+        """Freezes or unfreezes the backbone as the stage says and returns its lr schedule, a
+        fresh global step counter (int64, 0) and its optimizer, built on the trained variables
+        (under the strategy's scope): what `make_train_step` takes."""
+        config = self.config
+        self.model.backbone.trainable = stage.train_backbone
+        schedule = optimization.schedule_from_flags(
+            stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, self.steps_per_epoch)
+        with self.strategy.scope():
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            optimizer = optimization.build_optimizer(
+                schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
+                lr_multipliers=self._lr_multipliers(stage),
+                loss_scaling=config.mixed_precision and not self._on_tpu)
+            optimizer.build(self.model.training_model.trainable_variables)
+        return schedule, step, optimizer
+
     def _lr_multipliers(self, stage: StageConfig) -> dict:
         multipliers = self.model.lr_multipliers()
         if stage.train_backbone:
@@ -415,21 +433,13 @@ class Trainer:
                          stage.stage, done["final_checkpoint"])
             return done
 
-        self.model.backbone.trainable = stage.train_backbone
         model = self.model.training_model
         total_steps = stage.epochs * self.steps_per_epoch
-        schedule = optimization.schedule_from_flags(
-            stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, self.steps_per_epoch)
+        schedule, step, optimizer = self.prepare_stage(stage)
         with self.strategy.scope():
-            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             stage_number = tf.Variable(stage.stage, dtype=tf.int64, trainable=False, name="stage")
             best_rsum = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_rsum")
-            optimizer = optimization.build_optimizer(
-                schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
-                lr_multipliers=self._lr_multipliers(stage),
-                loss_scaling=config.mixed_precision and not self._on_tpu)
-            optimizer.build(model.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch,
                                          stage=stage_number, best_rsum=best_rsum)
         manager = tf.train.CheckpointManager(

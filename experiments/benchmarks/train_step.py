@@ -3,10 +3,9 @@
 The dual-path figures time the step the trainer runs, `Trainer.make_train_step` of a
 `dual_path.training.Trainer` built on --shard_dir (the model's vocabulary, classes and caption
 length come from the shards' manifest; without shards nothing is timed and the script says how
-to build them). Each dual-path variant gets its own step counter, lr schedule
-(`optimization.schedule_from_flags`) and optimizer (`optimization.build_optimizer`, the
-MatConvNet SGD update), built as `Trainer.run_stage` builds them, and runs --warmup_steps
-untimed steps before --steps timed ones. "In memory" means one random batch (images uniform in
+to build them). Each dual-path variant gets its own step counter, lr schedule and optimizer
+(the MatConvNet SGD update) from `Trainer.prepare_stage`, as `Trainer.run_stage` does, and runs
+--warmup_steps untimed steps before --steps timed ones. "In memory" means one random batch (images uniform in
 0..255, random captions and labels) fed to the step again and again through a tf.data iterator,
 as the trainer feeds its pipeline's. In one run, at the same batch size and image size, on this
 machine's CPU or GPU:
@@ -62,7 +61,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dual_path import image_path, input_pipeline, optimization, training
+from dual_path import image_path, input_pipeline, training
 from dual_path.model import DualPathConfig
 from experiments.benchmarks import report
 
@@ -203,19 +202,10 @@ def repeated(trainer: training.Trainer, batch: dict) -> Iterator:
 def trainer_step(trainer: training.Trainer, stage: training.StageConfig) -> Callable[[Iterator], dict]:
     """`trainer.make_train_step` of `stage`, with a fresh step counter, schedule and optimizer.
 
-    Freezes or unfreezes the backbone as the stage says, as `Trainer.run_stage` does; the
-    returned step must be traced (called first) before the backbone's state changes again.
+    `Trainer.prepare_stage` freezes or unfreezes the backbone as the stage says; the returned
+    step must be traced (called first) before the backbone's state changes again.
     """
-    config = trainer.config
-    trainer.model.backbone.trainable = stage.train_backbone
-    schedule = optimization.schedule_from_flags(
-        stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, trainer.steps_per_epoch)
-    with trainer.strategy.scope():
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        optimizer = optimization.build_optimizer(
-            schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
-            lr_multipliers=trainer._lr_multipliers(stage), loss_scaling=False)
-        optimizer.build(trainer.model.training_model.trainable_variables)
+    schedule, step, optimizer = trainer.prepare_stage(stage)
     return trainer.make_train_step(stage, optimizer, schedule, step)
 
 
