@@ -20,6 +20,9 @@ from absl import flags
 FLAGS = flags.FLAGS
 
 DATASET = "synthetic"
+# Shard counts of the embedded dataset (8,000 train images): also experiments/run_experiments'.
+IMAGE_SHARDS = 4
+CAPTION_SHARDS = 2
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{DATASET}.flags")
 
 
@@ -53,8 +56,8 @@ def main(argv: list[str]) -> None:
         "--source_format=karpathy",
         f"--captions={dataset_json}",
         f"--shard_dir={shard_dir}",
-        "--num_image_shards=4",
-        "--num_caption_shards=2",
+        f"--num_image_shards={IMAGE_SHARDS}",
+        f"--num_caption_shards={CAPTION_SHARDS}",
     ]
     if FLAGS.num_workers:
         build.append(f"--num_workers={FLAGS.num_workers}")

@@ -45,6 +45,7 @@ from data_prep import build_shards, synthetic
 from data_prep.readers import read_source
 from dual_path import run_layout, shard_format
 from dual_path.atomic_write import write_atomically
+from experiments import demo
 from experiments.benchmarks.report import machine
 
 FLAGS = flags.FLAGS
@@ -55,9 +56,6 @@ FLICKR8K_RAW = SHARED / "data" / "flickr8k"
 ALL_ROWS = "all"
 TRAIN_LOG_NAME = "train.log"
 RUN_COMMAND_NAME = "run_command.txt"
-# The embedded dataset's shard counts, as `dual-path-demo` builds them.
-SYNTHETIC_IMAGE_SHARDS = 4
-SYNTHETIC_CAPTION_SHARDS = 2
 
 
 class Row(NamedTuple):
@@ -206,7 +204,7 @@ def _build_synthetic(shard_dir: str, raw_dir: str) -> None:
         synthetic.generate(raw_dir)
     build_shards.build_shards(
         read_source("karpathy", captions=dataset_json), shard_dir,
-        num_image_shards=SYNTHETIC_IMAGE_SHARDS, num_caption_shards=SYNTHETIC_CAPTION_SHARDS,
+        num_image_shards=demo.IMAGE_SHARDS, num_caption_shards=demo.CAPTION_SHARDS,
         source_format="karpathy", source_files=[dataset_json])
 
 
