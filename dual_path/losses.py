@@ -44,20 +44,29 @@ def _global_batch_size(local_batch_size: tf.Tensor) -> tf.Tensor:
     return tf.stop_gradient(context.all_reduce(tf.distribute.ReduceOp.SUM, size))
 
 
-def instance_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+def instance_loss(logits: tf.Tensor, labels: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
     """Softmax cross-entropy of one path's instance logits against the instance labels.
+
+    With label_smoothing e the target is (1 - e) on the label and e / C on every class
+    (Szegedy et al. 2016): per example, (1 - e) * (-log p_label) + e * mean_c(-log p_c).
 
     Args:
       logits: float [B, C] (any float dtype), the path's features through the shared
         instance classifier W.
       labels: int [B], instance classes in [0, C).
+      label_smoothing: e in [0, 1).
     Returns:
       float32 scalar, sum of this replica's per-example losses (nats) / global batch
       size; the batch mean with a single replica.
     """
-    labels = tf.convert_to_tensor(labels)
-    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if label_smoothing:
+        uniform = -tf.reduce_mean(tf.nn.log_softmax(logits, axis=-1), axis=-1)
+        per_example = (1.0 - label_smoothing) * per_example + label_smoothing * uniform
     return tf.reduce_sum(per_example) / _global_batch_size(tf.shape(labels)[0])
 
 

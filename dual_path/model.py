@@ -5,7 +5,7 @@ Data flow (paper Section 3, Fig. 2):
   image float32 [B, S, S, 3], RGB 0..255 -> image backbone (pool5) -> image head
   token_ids int32 [B, L]                 -> text CNN (max pool)    -> text head
   head: fc -> BN -> ReLU -> fc -> BN -> ReLU -> Dropout            (own weights per path)
-  both heads' outputs -> the shared classifier (one Dense kernel)  -> logits [B, C]
+  both heads' outputs -> the shared classifier W (dense or cosine) -> logits [B, C]
   the retrieval embedding, by default after the last BN (before its ReLU), L2-normalised.
 
 Logits and embeddings are float32 even under the mixed_float16 dtype policy.
@@ -16,6 +16,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from dual_path import instance_classifier
 from dual_path.image_path import build_image_backbone
 from dual_path.text_path import WORD_EMBEDDING, build_text_path
 
@@ -65,7 +66,14 @@ class DualPathConfig:
     share_classifier: bool = True
     """One classifier for both paths (the paper); False gives each path its own (ablation)."""
     classifier_bias: bool = False
-    """Whether the classifier has a bias."""
+    """Whether the classifier has a bias (dense only)."""
+    classifier: str = "dense"
+    """The instance classifier's form: "dense" (the paper's) or "cosine" (scaled cosine
+    softmax, NormFace); see `dual_path.instance_classifier`."""
+    classifier_scale: float = 16.0
+    """s of the cosine classifier: its logits lie in [-s, s]."""
+    classifier_lr_multiplier: float = 1.0
+    """Learning rate multiplier of the classifier's weights (see `DualPath.lr_multipliers`)."""
 
     def __post_init__(self):
         if self.embedding_point not in EMBEDDING_POINTS:
@@ -75,6 +83,14 @@ class DualPathConfig:
             raise ValueError("head_dims must name at least one fc layer")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.classifier not in instance_classifier.CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {instance_classifier.CLASSIFIERS}, "
+                             f"got {self.classifier!r}")
+        if self.classifier == "cosine" and self.classifier_bias:
+            raise ValueError("a cosine classifier has no bias: drop classifier_bias")
+        if not self.classifier_scale > 0 or self.classifier_lr_multiplier < 0:
+            raise ValueError(f"classifier_scale must be > 0 and classifier_lr_multiplier >= 0, got "
+                             f"{self.classifier_scale} and {self.classifier_lr_multiplier}")
 
 
 @dataclasses.dataclass
@@ -101,25 +117,35 @@ class DualPath:
     """The image CNN; `backbone.trainable = False` freezes it, BN moving statistics included (stage I)."""
     text_cnn: keras.Model
     """The text CNN, word embedding included."""
-    image_classifier: keras.layers.Dense
-    text_classifier: keras.layers.Dense
+    image_classifier: keras.layers.Layer
+    text_classifier: keras.layers.Layer
     """The same layer object as image_classifier when config.share_classifier."""
+    image_head: "Head"
 
     def lr_multipliers(self) -> dict[str, float]:
         """Learning rate multiplier of every trainable variable, keyed by `variable.path`.
 
-        1.0 everywhere except the word embedding (config.embedding_lr_multiplier).
-        Call it after freezing: frozen variables are not listed.
+        1.0 everywhere except the word embedding (config.embedding_lr_multiplier) and the
+        classifiers' weights (config.classifier_lr_multiplier). Call it after freezing: frozen
+        variables are not listed.
         """
+        multipliers = {variable.path: 1.0 for variable in self.training_model.trainable_variables}
+        for classifier in {id(layer): layer for layer in (self.image_classifier, self.text_classifier)}.values():
+            for variable in classifier.trainable_variables:
+                multipliers[variable.path] = self.config.classifier_lr_multiplier
         embedding_path = self.text_cnn.get_layer(WORD_EMBEDDING).embeddings.path
-        return {
-            variable.path: (self.config.embedding_lr_multiplier
-                            if variable.path == embedding_path else 1.0)
-            for variable in self.training_model.trainable_variables
-        }
+        if embedding_path in multipliers:
+            multipliers[embedding_path] = self.config.embedding_lr_multiplier
+        return multipliers
+
+    def classifiers(self) -> list[keras.layers.Layer]:
+        """The distinct classifier layers: one when shared, else the image's and the text's."""
+        if self.image_classifier is self.text_classifier:
+            return [self.image_classifier]
+        return [self.image_classifier, self.text_classifier]
 
 
-class _Head:
+class Head:
     """One path's head: features [B, F] -> (classifier input [B, D], L2-normalised float32
     embedding [B, D]).
 
@@ -149,12 +175,27 @@ class _Head:
         embedding_source = {"bn": after_bn, "relu": after_relu, "dropout": x}[self.embedding_point]
         return x, self.normalize(embedding_source)
 
+    def whole_set_features(self, features: np.ndarray) -> np.ndarray:
+        """float32 [N, D]: the classifier input of N rows of features [N, F] as training mode
+        computes it on one batch of all N rows, without dropout: each BN normalises by the
+        rows' own mean and variance (then its gamma, beta). Changes no variable (the BN moving
+        statistics stay as they are); what imprinting the classifier uses.
+        """
+        x = keras.ops.convert_to_tensor(np.asarray(features, np.float32))
+        for dense, batch_norm, relu in self.blocks:
+            x = dense(x)
+            mean, variance = keras.ops.moments(x, axes=[0])
+            x = (x - mean) * keras.ops.rsqrt(variance + batch_norm.epsilon)
+            x = relu(x * batch_norm.gamma + batch_norm.beta)
+        return keras.ops.convert_to_numpy(x).astype(np.float32)
 
-def _classifiers(config: DualPathConfig) -> tuple[keras.layers.Dense, keras.layers.Dense]:
-    """The (image, text) classifiers: one Dense(C) layer twice, or two. Computed in float32."""
+
+def _classifiers(config: DualPathConfig) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+    """The (image, text) classifiers: one layer twice, or two. Computed in float32."""
     def classifier(name):
-        return keras.layers.Dense(config.num_classes, use_bias=config.classifier_bias,
-                                  dtype="float32", name=name)
+        return instance_classifier.build_classifier(
+            config.classifier, config.num_classes, scale=config.classifier_scale,
+            use_bias=config.classifier_bias, name=name)
 
     if config.share_classifier:
         shared = classifier(SHARED_CLASSIFIER)
@@ -176,12 +217,12 @@ def build_dual_path(config: DualPathConfig, embedding_init: np.ndarray | None = 
 
     backbone = build_image_backbone(config.backbone, config.weights, config.image_size,
                                     config.alpha, config.small_cnn_widths)
-    image_head = _Head(config, "image")
+    image_head = Head(config, "image")
     image_features, image_embedding = image_head(backbone(images))
 
     text_cnn = build_text_path(config.vocab_size, config.max_length, config.embedding_dim,
                                embedding_init, config.text_blocks, config.text_widths)
-    text_features, text_embedding = _Head(config, "text")(text_cnn(token_ids))
+    text_features, text_embedding = Head(config, "text")(text_cnn(token_ids))
 
     image_classifier, text_classifier = _classifiers(config)
     text_logits = text_classifier(text_features)
@@ -211,4 +252,5 @@ def build_dual_path(config: DualPathConfig, embedding_init: np.ndarray | None = 
         text_cnn=text_cnn,
         image_classifier=image_classifier,
         text_classifier=text_classifier,
+        image_head=image_head,
     )

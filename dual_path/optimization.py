@@ -1,4 +1,4 @@
-"""The optimizer of the original MatConvNet training: SGD with Nesterov momentum.
+"""The optimizers: the original MatConvNet training's SGD with Nesterov momentum, and Adam(W).
 
 MatConvNet (`cnn_train_dag`, `nesterovUpdate = true`) updates each parameter w with
 gradient g (already the batch mean) as
@@ -13,6 +13,13 @@ stage II, 1 elsewhere). The velocity holds gradients, not steps, so a change of 
 effect at once, as in MatConvNet (Keras' SGD keeps lr inside its velocity instead).
 
 The learning rate is piecewise constant in the trainer's global step.
+
+`build_optimizer` also offers Keras' Adam and AdamW (OPTIMIZERS). Keras 3 has no
+MultiOptimizer, so `_PerVariableLearningRate` gives them the same per-variable multipliers:
+each variable's update is computed at lr * lr_mult (Adam's step is invariant to the
+gradient's scale, so scaling gradients would not do). Weight decay under "adam" is the L2
+term in the gradient, as MatConvNet's, scaled by lr_mult with it; under "adamw" it is
+Keras' decoupled decay, w <- w - lr * weight_decay * w at the base lr for every variable.
 """
 import bisect
 from typing import Mapping, Sequence
@@ -68,6 +75,19 @@ def schedule_from_flags(boundaries: Sequence[float], values: Sequence[float], un
     return PiecewiseConstantSchedule(steps, values)
 
 
+OPTIMIZERS = ("matconvnet_sgd", "adam", "adamw")
+
+
+def _multipliers_by_index(lr_multipliers: Mapping[str, float], variables) -> list[float]:
+    """The multiplier of each variable in order (1 where not named); ValueError naming any
+    multiplier whose variable is not among `variables`."""
+    paths = {variable.path for variable in variables}
+    unknown = sorted(set(lr_multipliers) - paths)
+    if unknown:
+        raise ValueError(f"lr multipliers name variables that are not trained: {unknown}")
+    return [float(lr_multipliers.get(variable.path, 1.0)) for variable in variables]
+
+
 class MatConvNetSGD(keras.optimizers.Optimizer):
     """SGD with (Nesterov) momentum, L2 weight decay in the gradient, per-variable lr multipliers.
 
@@ -100,12 +120,7 @@ class MatConvNetSGD(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
-        paths = {variable.path for variable in variables}
-        unknown = sorted(set(self.lr_multipliers) - paths)
-        if unknown:
-            raise ValueError(f"lr multipliers name variables that are not trained: {unknown}")
-        self._multiplier_of_index = [self.lr_multipliers.get(variable.path, 1.0)
-                                     for variable in variables]
+        self._multiplier_of_index = _multipliers_by_index(self.lr_multipliers, variables)
         self.velocities = self.add_optimizer_variables(variables, "velocity")
 
     def update_step(self, gradient, variable, learning_rate):
@@ -129,18 +144,69 @@ class MatConvNetSGD(keras.optimizers.Optimizer):
         return config
 
 
+class _PerVariableLearningRate:
+    """Mixin for a Keras optimizer: variable v is updated at lr * lr_multipliers[v.path]
+    (1 where not named), plus an optional L2 term l2 * v in the gradient."""
+
+    def __init__(self, *args, lr_multipliers: Mapping[str, float] | None = None,
+                 l2_weight_decay: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.l2_weight_decay = float(l2_weight_decay)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._multiplier_of_index = _multipliers_by_index(self.lr_multipliers, variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.convert_to_tensor(gradient)
+        if self.l2_weight_decay:
+            gradient = gradient + tf.cast(self.l2_weight_decay, gradient.dtype) * tf.cast(variable, gradient.dtype)
+        multiplier = self._multiplier_of_index[self._get_variable_index(variable)]
+        super().update_step(gradient, variable, learning_rate * multiplier)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(lr_multipliers=self.lr_multipliers, l2_weight_decay=self.l2_weight_decay)
+        return config
+
+
+class MultipliedAdam(_PerVariableLearningRate, keras.optimizers.Adam):
+    """keras.optimizers.Adam with per-variable lr multipliers and L2 weight decay in the gradient."""
+
+
+class MultipliedAdamW(_PerVariableLearningRate, keras.optimizers.AdamW):
+    """keras.optimizers.AdamW (decoupled decay at the base lr) with per-variable lr multipliers."""
+
+
 def build_optimizer(learning_rate: float, *, momentum: float, weight_decay: float,
-                    lr_multipliers: Mapping[str, float],
-                    loss_scaling: bool) -> keras.optimizers.Optimizer:
-    """MatConvNetSGD, wrapped in a dynamic LossScaleOptimizer for float16 training.
+                    lr_multipliers: Mapping[str, float], loss_scaling: bool,
+                    name: str = "matconvnet_sgd") -> keras.optimizers.Optimizer:
+    """The named optimizer (OPTIMIZERS), wrapped in a dynamic LossScaleOptimizer for float16.
+
+    "matconvnet_sgd": MatConvNetSGD (momentum, L2 weight_decay). "adam": Keras Adam (its
+    default betas; momentum unused) with weight_decay as an L2 term in the gradient. "adamw":
+    Keras AdamW with decoupled weight_decay. All apply lr_multipliers per variable.
 
     Build it under the strategy's scope. `optimizer.learning_rate` is a variable: assign
     the schedule's value to it before each step (outside `strategy.run`). With
     loss_scaling, scale the loss with `optimizer.scale_loss` before taking gradients;
     `apply` unscales them and skips the steps whose gradients are not finite.
     """
-    optimizer = MatConvNetSGD(learning_rate, momentum=momentum, weight_decay=weight_decay,
-                              lr_multipliers=lr_multipliers)
+    if name == "matconvnet_sgd":
+        optimizer = MatConvNetSGD(learning_rate, momentum=momentum, weight_decay=weight_decay,
+                                  lr_multipliers=lr_multipliers)
+    elif name == "adam":
+        optimizer = MultipliedAdam(learning_rate=learning_rate, lr_multipliers=lr_multipliers,
+                                   l2_weight_decay=weight_decay)
+    elif name == "adamw":
+        optimizer = MultipliedAdamW(learning_rate=learning_rate, weight_decay=weight_decay,
+                                    lr_multipliers=lr_multipliers)
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if loss_scaling:
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

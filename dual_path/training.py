@@ -6,6 +6,12 @@ losses. Stage II starts from stage I's final checkpoint, unfreezes the backbone 
 own lr multiplier) and adds the ranking loss. Each stage has its own loss weights
 (rank:image:text), epochs, lr schedule and a fresh optimizer, as the original's two runs.
 
+The instance classifier W is the paper's dense layer by default; `--classifier=cosine` and
+`--classifier_init=imprint` (columns set from the image features when stage I starts fresh)
+make its loss learn within CPU budgets (`dual_path.instance_classifier`). At the end of
+every validation interval the trainer checks that each trained instance loss has left chance
+(`dual_path.instance_health`) and warns, in the log and in TensorBoard, when it has not.
+
 One training step (`Trainer.make_train_step`) runs under `strategy.run`: every loss follows
 `dual_path.losses`' convention (sum over the replica's rows / global batch size), the
 optimizer all-reduces the gradients with SUM, and the per-replica losses are reduced with
@@ -40,7 +46,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dual_path import embeddings, evaluation, feature_cache, input_pipeline, losses, optimization
+from dual_path import embeddings, evaluation, feature_cache, input_pipeline, instance_classifier
+from dual_path import instance_health, losses, optimization
 from dual_path import shard_format
 from dual_path import run_layout
 from dual_path import text
@@ -149,6 +156,14 @@ class TrainConfig:
     """Stage II starts from this run's finished stage I (its model_dir) instead of model_dir's."""
     word_embedding_init: str = "word2vec"
     """"word2vec": the shard folder's word2vec_init.npy (random where it is absent); "random"."""
+    optimizer: str = "matconvnet_sgd"
+    """One of optimization.OPTIMIZERS; every stage builds a fresh one."""
+    label_smoothing: float = 0.0
+    """Of both instance losses (losses.instance_loss)."""
+    classifier_init: str = "random"
+    """"random" (the layer's initializer) or "imprint": at the start of a fresh stage I, W's
+    columns are set from the image head's features of each class's training images
+    (instance_classifier.imprint)."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -165,6 +180,13 @@ class TrainConfig:
         if self.stage1_from and numbers != [2]:
             raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
                              f"stage I: train stage 2 only, not stages {numbers}")
+        if self.optimizer not in optimization.OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {optimization.OPTIMIZERS}, got {self.optimizer!r}")
+        if self.classifier_init not in instance_classifier.CLASSIFIER_INITS:
+            raise ValueError(f"classifier_init must be one of {instance_classifier.CLASSIFIER_INITS}, "
+                             f"got {self.classifier_init!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.word_embedding_init not in WORD_EMBEDDING_INITS:
             raise ValueError(f"word_embedding_init must be one of {WORD_EMBEDDING_INITS}, got "
                              f"{self.word_embedding_init!r}")
@@ -327,7 +349,7 @@ class Trainer:
             optimizer = optimization.build_optimizer(
                 schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
                 lr_multipliers=self._lr_multipliers(stage),
-                loss_scaling=config.mixed_precision and not self._on_tpu)
+                loss_scaling=config.mixed_precision and not self._on_tpu, name=config.optimizer)
             optimizer.build(self.model.training_model.trainable_variables)
         return schedule, step, optimizer
 
@@ -368,8 +390,10 @@ class Trainer:
             with tf.GradientTape() as tape:
                 outputs = model({image_input: batch[image_input], "token_ids": batch["token_ids"]},
                                 training=True)
-                image_loss = losses.instance_loss(outputs["image_logits"], batch["label"])
-                text_loss = losses.instance_loss(outputs["text_logits"], batch["label"])
+                image_loss = losses.instance_loss(outputs["image_logits"], batch["label"],
+                                                  config.label_smoothing)
+                text_loss = losses.instance_loss(outputs["text_logits"], batch["label"],
+                                                 config.label_smoothing)
                 if weights.rank:
                     rank_loss = losses.ranking_loss(
                         outputs["image_embedding"], outputs["text_embedding"], margin=config.margin,
@@ -403,15 +427,20 @@ class Trainer:
 
         return train_step
 
+    def _feature_cache(self, stage: StageConfig) -> feature_cache.FeatureCache:
+        """The frozen backbone's cached features of the stage's augmented training views."""
+        config = self.config
+        return feature_cache.load_or_compute(
+            self.model.backbone, config.shard_dir,
+            config.feature_cache_dir or os.path.join(config.model_dir, "feature_cache"),
+            views=stage.feature_views, image_size=config.model.image_size, seed=config.seed,
+            flip=config.flip)
+
     def _train_dataset(self, stage: StageConfig, start_step: int):
         config = self.config
         seed = config.seed + 1_000_003 * stage.stage + start_step
         if stage.feature_views:
-            cache = feature_cache.load_or_compute(
-                self.model.backbone, config.shard_dir,
-                config.feature_cache_dir or os.path.join(config.model_dir, "feature_cache"),
-                views=stage.feature_views, image_size=config.model.image_size, seed=config.seed,
-                flip=config.flip)
+            cache = self._feature_cache(stage)
             dataset = input_pipeline.cached_feature_dataset(
                 config.shard_dir, cache.features, cache.flipped, batch_size=config.batch_size,
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
@@ -422,6 +451,48 @@ class Trainer:
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
                 position_shift=config.position_shift)
         return iter(self.strategy.experimental_distribute_dataset(dataset))
+
+    def _training_backbone_features(self, stage: StageConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [N, F] backbone features, int32 [N] labels) of the N training images.
+
+        With cached features, the mean over each image's cached views. Otherwise the whole
+        image (no crop or flip) through the backbone as the stage runs it: in training mode
+        where the stage trains it (BN by batch statistics; its moving statistics are put back
+        afterwards), else in inference mode.
+        """
+        config = self.config
+        labels = np.zeros(input_pipeline.split_count(self.manifest, "train"), np.int32)
+        captions = input_pipeline.read_captions(config.shard_dir, "train")
+        labels[captions.image_index] = captions.label
+        if stage.feature_views:
+            return np.asarray(self._feature_cache(stage).features).mean(axis=1), labels
+        backbone = self.model.backbone
+        moving_statistics = [variable.numpy() for variable in backbone.non_trainable_variables]
+        embed = tf.function(lambda images: backbone(images, training=stage.train_backbone))
+        features = None
+        for batch in input_pipeline.eval_image_dataset(
+                config.shard_dir, "train", batch_size=embeddings.DEFAULT_IMAGE_BATCH,
+                image_size=config.model.image_size):
+            rows = embed(batch["image"]).numpy()
+            if features is None:
+                features = np.zeros((len(labels), rows.shape[1]), np.float32)
+            features[batch["image_index"].numpy()] = rows
+        for variable, value in zip(backbone.non_trainable_variables, moving_statistics):
+            variable.assign(value)
+        return features, labels
+
+    def imprint_classifier(self, stage: StageConfig) -> None:
+        """Sets the instance classifier(s) from the image head's features of every training
+        image (`instance_classifier.imprint`): the head's whole-set training-mode output,
+        without dropout, of the backbone features `_training_backbone_features` gives."""
+        start = time.monotonic()
+        backbone_features, labels = self._training_backbone_features(stage)
+        head_features = self.model.image_head.whole_set_features(backbone_features)
+        for classifier in self.model.classifiers():
+            columns = instance_classifier.imprint(classifier, head_features, labels)
+        logging.info("stage %d: imprinted %d classifier columns from the image features of %d "
+                     "training images in %.1f s", stage.stage, columns, len(labels),
+                     time.monotonic() - start)
 
     def run_stage(self, stage: StageConfig) -> dict:
         """Trains one stage to its end (or resumes it); returns its done marker."""
@@ -466,6 +537,8 @@ class Trainer:
                          schedule.value_at(resumed_step))
         elif stage.stage == 2:
             self._load_stage1_final()
+        elif config.classifier_init == "imprint":
+            self.imprint_classifier(stage)
 
         writers = self._summary_writers(stage.stage)
         if int(step.numpy()) < total_steps:
@@ -533,6 +606,7 @@ class Trainer:
         train_step = self.make_train_step(stage, optimizer, schedule, step)
         iterator = self._train_dataset(stage, int(step.numpy()))
         sums, interval_steps, interval_start = {}, 0, time.monotonic()
+        health_sums, health_steps = {}, 0
         while int(step.numpy()) < total_steps:
             metrics = {name: float(value) for name, value in train_step(iterator).items()}
             current = int(step.numpy())
@@ -545,7 +619,9 @@ class Trainer:
                     f"good checkpoint is {manager.latest_checkpoint or 'none (no checkpoint yet)'}")
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
+                health_sums[name] = health_sums.get(name, 0.0) + value
             interval_steps += 1
+            health_steps += 1
 
             epoch_end = current % self.steps_per_epoch == 0
             if current % config.log_every_steps == 0 or epoch_end or current == total_steps:
@@ -558,8 +634,13 @@ class Trainer:
                 self._check_finite_weights(current, manager.latest_checkpoint)
                 epoch.assign(current // self.steps_per_epoch)
                 finished = int(epoch.numpy())
-                if self.has_validation and (finished % config.validate_every_epochs == 0
-                                            or current == total_steps):
+                interval_end = finished % config.validate_every_epochs == 0 or current == total_steps
+                if interval_end:
+                    self._check_instance_health(stage, finished, {
+                        name: value / health_steps for name, value in health_sums.items()},
+                        writers["train"], current)
+                    health_sums, health_steps = {}, 0
+                if self.has_validation and interval_end:
                     rsum = self._validate(stage.stage, current, writers["validation"])
                     if rsum > float(best_rsum.numpy()):
                         best_rsum.assign(rsum)
@@ -573,6 +654,23 @@ class Trainer:
                 interval_start = time.monotonic()
         for writer in writers.values():
             writer.flush()
+
+    def _check_instance_health(self, stage: StageConfig, finished_epoch: int, means: dict,
+                               writer, current: int) -> None:
+        """Warns (log and TensorBoard text) about each trained instance loss that stayed at
+        chance over the validation interval that just ended (`instance_health.inert_paths`)."""
+        weights = {"image": stage.loss_weights.image, "text": stage.loss_weights.text}
+        trained = [path for path, weight in weights.items() if weight]
+        inert = instance_health.inert_paths(
+            {path: means[f"{path}_loss"] for path in trained},
+            {path: means[f"{path}_accuracy"] for path in trained}, self.config.model.num_classes)
+        for path, reason in inert.items():
+            message = (f"stage {stage.stage} epoch {finished_epoch}: the {path} path's instance "
+                       f"loss is not learning over the last validation interval: {reason}. The "
+                       f"retrieval it reaches comes from the other losses.")
+            logging.warning("%s", message)
+            with writer.as_default(step=current):
+                tf.summary.text(f"health/{path}_instance_loss", message)
 
     def _log_progress(self, stage, current, total_steps, lr, means, steps_per_second, writer):
         config = self.config

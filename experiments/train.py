@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dual_path import input_pipeline, run_layout, training
+from dual_path import input_pipeline, instance_classifier, optimization, run_layout, training
 from dual_path.model import DualPathConfig
 
 FLAGS = flags.FLAGS
@@ -43,7 +43,15 @@ def define_flags() -> None:
     flags.DEFINE_float("dropout", 0.75, "Dropout before the classifier (0.75 / 0.5 / 0.8).")
     flags.DEFINE_enum("embedding_point", "bn", ["bn", "relu", "dropout"], "Where the embedding is taken.")
     flags.DEFINE_bool("share_classifier", True, "One instance classifier W for both paths.")
-    flags.DEFINE_bool("classifier_bias", False, "Whether the instance classifier has a bias.")
+    flags.DEFINE_bool("classifier_bias", False, "Whether the instance classifier has a bias (dense only).")
+    flags.DEFINE_enum("classifier", "dense", list(instance_classifier.CLASSIFIERS),
+                      "Instance classifier W: dense (the paper's) or cosine (scaled cosine softmax).")
+    flags.DEFINE_float("classifier_scale", 16.0, "s of the cosine classifier: logits in [-s, s].")
+    flags.DEFINE_float("classifier_lr_multiplier", 1.0, "lr multiplier of the instance classifier.")
+    flags.DEFINE_enum("classifier_init", "random", list(instance_classifier.CLASSIFIER_INITS),
+                      "random, or imprint: W's columns from the image features of each training "
+                      "image, at the start of stage I.")
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the instance losses.")
     flags.DEFINE_enum("word_embedding_init", "word2vec", list(training.WORD_EMBEDDING_INITS),
                       "word2vec: the shard folder's word2vec_init.npy; random: Keras' default init.")
 
@@ -63,6 +71,9 @@ def define_flags() -> None:
                         "(its model_dir) instead of --model_dir's own.")
 
     # Optimisation, per stage.
+    flags.DEFINE_enum("optimizer", "matconvnet_sgd", list(optimization.OPTIMIZERS),
+                      "matconvnet_sgd (the original's), or Keras adam / adamw; all keep the lr "
+                      "multipliers.")
     flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
     flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay added to the gradient.")
     flags.DEFINE_enum("lr_boundary_unit", "epochs", ["epochs", "steps"], "Unit of --stageN_lr_boundaries.")
@@ -126,7 +137,9 @@ def model_config(manifest: dict) -> DualPathConfig:
         text_blocks=_ints(FLAGS.text_blocks), text_widths=_ints(FLAGS.text_widths),
         head_dims=_ints(FLAGS.head_dims), dropout=FLAGS.dropout,
         embedding_point=FLAGS.embedding_point, share_classifier=FLAGS.share_classifier,
-        classifier_bias=FLAGS.classifier_bias)
+        classifier_bias=FLAGS.classifier_bias, classifier=FLAGS.classifier,
+        classifier_scale=FLAGS.classifier_scale,
+        classifier_lr_multiplier=FLAGS.classifier_lr_multiplier)
 
 
 def stage_configs() -> list[training.StageConfig]:
@@ -162,7 +175,9 @@ def train_config() -> training.TrainConfig:
         eval_folds=FLAGS.eval_folds, evaluate_test=FLAGS.evaluate_test,
         results_checkpoint=FLAGS.results_checkpoint,
         projector_images=FLAGS.projector_images, feature_cache_dir=FLAGS.feature_cache_dir,
-        word_embedding_init=FLAGS.word_embedding_init, stage1_from=FLAGS.stage1_from)
+        word_embedding_init=FLAGS.word_embedding_init, stage1_from=FLAGS.stage1_from,
+        optimizer=FLAGS.optimizer, label_smoothing=FLAGS.label_smoothing,
+        classifier_init=FLAGS.classifier_init)
 
 
 def _resolved_flags() -> tuple[str, dict]:
