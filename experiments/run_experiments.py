@@ -97,6 +97,27 @@ _COMMON_ABLATIONS = {
     "random_word_init": ("Word embedding initialised at random, not from word2vec",
                          ("--word_embedding_init=random",)),
 }
+# The paper's instance classifier on each dataset: a dense W with a bias, random init, the
+# dropout the dataset's config used before the cosine W (Flickr30k's 0.75; synthetic 0.5).
+_PAPER_CLASSIFIER = {
+    "flickr8k": ("--classifier=dense", "--classifier_bias", "--classifier_init=random", "--dropout=0.75"),
+    "synthetic": ("--classifier=dense", "--classifier_bias", "--classifier_init=random", "--dropout=0.5"),
+}
+
+
+def _classifier_ablations(dataset: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Rows that compare the config's imprinted cosine W with the paper's dense W."""
+    paper = _PAPER_CLASSIFIER[dataset]
+    return {
+        "instance_only_paper": ("Instance loss only with the paper's W: dense, random init, dropout "
+                                f"{paper[-1].split('=')[1]} before it (0:1:1)",
+                                ("--stage1_loss_weights=0:1:1", *paper)),
+        "both_paper": ("Instance and ranking losses with the paper's W (dense, random init)", paper),
+        "instance_only_dense": ("Instance loss only with a dense W, imprinted like the cosine one",
+                                ("--stage1_loss_weights=0:1:1", "--classifier=dense")),
+    }
+
+
 _TEXT_DEPTH_ABLATIONS = {
     "flickr8k": {"deep_text": ("Deep text CNN: 3-4-6-1 blocks, ResNet-50's (the config's is 1-1-1-1)",
                                ("--text_blocks=3,4,6,1",))},
@@ -108,7 +129,7 @@ _CACHES_FEATURES = {"flickr8k": True, "synthetic": False}
 
 
 def _ablation_rows(dataset: str) -> dict[str, Row]:
-    changes = {**_COMMON_ABLATIONS, **_TEXT_DEPTH_ABLATIONS[dataset]}
+    changes = {**_COMMON_ABLATIONS, **_classifier_ablations(dataset), **_TEXT_DEPTH_ABLATIONS[dataset]}
     return {
         name: Row(dataset, name, description, (_config(dataset), ablation_config(dataset)),
                   row_flags, _CACHES_FEATURES[dataset])

@@ -30,7 +30,8 @@ TINY_EXTRA_FLAGS = [
 WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classifier",
                  "position_shift", "text_blocks", "text_widths", "evaluate_test",
                  "word_embedding_init", "stage1_feature_views", "backbone",
-                 "stage2_hardest_negative", "stage1_from", "hardest_negative"]
+                 "stage2_hardest_negative", "stage1_from", "hardest_negative", "classifier",
+                 "classifier_init", "dropout"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -78,17 +79,24 @@ EXPECTED = {
     "separate_classifiers": ("1:1:1", False, True, None),
     "no_position_shift": ("1:1:1", True, False, None),
     "random_word_init": ("1:1:1", True, True, None),
+    "instance_only_paper": ("0:1:1", True, True, None),
+    "both_paper": ("1:1:1", True, True, None),
+    "instance_only_dense": ("0:1:1", True, True, None),
     "deep_text": ("1:1:1", True, True, ["3", "4", "6", "1"]),
 }
+# The classifier each row trains: (classifier, classifier_init); the config's otherwise.
+EXPECTED_CLASSIFIER = {"instance_only_paper": ("dense", "random"), "both_paper": ("dense", "random"),
+                       "instance_only_dense": ("dense", "imprint")}
 
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
         "main", "main_stage2_hardest", "both", "ranking_only", "instance_only",
-        "separate_classifiers", "no_position_shift", "random_word_init", "deep_text"]
+        "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
+        "both_paper", "instance_only_dense", "deep_text"]
     assert list(run_experiments.ROWS["synthetic"]) == [
         "both", "ranking_only", "instance_only", "separate_classifiers", "no_position_shift",
-        "random_word_init", "deep_text"]
+        "random_word_init", "instance_only_paper", "both_paper", "instance_only_dense", "deep_text"]
     for rows in run_experiments.ROWS.values():
         for row in rows.values():
             assert row.description and "\n" not in row.description
@@ -148,6 +156,10 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                              else ["128", "256", "512", "1024"]), name
         if row == "random_word_init":
             assert values["word_embedding_init"] == "random"
+        assert (values["classifier"], values["classifier_init"]) == EXPECTED_CLASSIFIER.get(
+            row, ("cosine", "imprint")), name
+        if row.endswith("_paper"):
+            assert values["dropout"] == (0.75 if dataset == "flickr8k" else 0.5), name
         if dataset == "flickr8k":
             assert values["stage1_feature_views"] == 8
 
