@@ -27,7 +27,9 @@ What a run writes under model_dir (see WORKSPACE.md):
   logs/stage{N}/train, .../validation    TensorBoard: losses, accuracies, lr, steps/s,
                                          examples/s; R@K, rsum, a retrieval example;
                                          logs/stage{N}/projector: validation embeddings
-  results.json                           validation (and test) metrics of the final model
+  results.json                           validation (and test) metrics of the final model, and
+                                         the validation rsum of every validation this process
+                                         ran ("validation_curve": stage, step, epoch, rsum)
 
 A run killed at any moment and started again with the same arguments resumes from the
 last checkpoint of the unfinished stage: weights, optimizer state, step (and with it
@@ -309,6 +311,7 @@ class Trainer:
             max_length=config.model.max_length, flip_images=config.eval_flip_images,
             shift_texts=config.eval_shift_texts, strategy=self.strategy)
         self._last_validation = (None, None, None)
+        self._validation_curve: list[dict] = []
         self._texts_by_split: dict[str, list[str]] = {}
         weights = self.model.training_model.weights
         self._weights_are_finite = tf.function(lambda: tf.reduce_all(
@@ -485,13 +488,13 @@ class Trainer:
         """Sets the instance classifier(s) from the image head's features of every training
         image (`instance_classifier.imprint`): the head's whole-set training-mode output,
         without dropout, of the backbone features `_training_backbone_features` gives."""
-        start = time.monotonic()
         backbone_features, labels = self._training_backbone_features(stage)
+        start = time.monotonic()
         head_features = self.model.image_head.whole_set_features(backbone_features)
         for classifier in self.model.classifiers():
             columns = instance_classifier.imprint(classifier, head_features, labels)
         logging.info("stage %d: imprinted %d classifier columns from the image features of %d "
-                     "training images in %.1f s", stage.stage, columns, len(labels),
+                     "training images (%.1f s after the features)", stage.stage, columns, len(labels),
                      time.monotonic() - start)
 
     def run_stage(self, stage: StageConfig) -> dict:
@@ -666,8 +669,7 @@ class Trainer:
             {path: means[f"{path}_accuracy"] for path in trained}, self.config.model.num_classes)
         for path, reason in inert.items():
             message = (f"stage {stage.stage} epoch {finished_epoch}: the {path} path's instance "
-                       f"loss is not learning over the last validation interval: {reason}. The "
-                       f"retrieval it reaches comes from the other losses.")
+                       f"loss is not learning over the last validation interval: {reason}")
             logging.warning("%s", message)
             with writer.as_default(step=current):
                 tf.summary.text(f"health/{path}_instance_loss", message)
@@ -710,6 +712,9 @@ class Trainer:
         split = self.config.validation_split
         metrics, split_embeddings, similarity = self.evaluate(split)
         self._last_validation = (stage, current, split_embeddings)
+        self._validation_curve.append({"stage": stage, "step": current,
+                                       "epoch": current / self.steps_per_epoch,
+                                       "rsum": metrics["rsum"]})
         logging.info("stage %d step %d | %s | %s", stage, current, split,
                      " ".join(f"{name} {metrics[name]:.2f}" for name in RECALL_COLUMNS))
         with writer.as_default(step=current):
@@ -773,7 +778,8 @@ class Trainer:
         config = self.config
         chosen = run_layout.checkpoint_path(config.model_dir, stage, done, config.results_checkpoint)
         run_layout.load_checkpoint(self.model, chosen)
-        results = {"checkpoint": chosen, "stage": stage, "metrics": {}}
+        results = {"checkpoint": chosen, "stage": stage, "metrics": {},
+                   "validation_curve": list(self._validation_curve)}
         splits = [config.validation_split] if self.has_validation else []
         if config.evaluate_test and self._has_split(config.test_split):
             splits.append(config.test_split)

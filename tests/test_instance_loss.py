@@ -241,7 +241,9 @@ def warnings_logged():
 
 def test_health_warning_fires_when_the_instance_loss_cannot_learn(shard_dir, tmp_path, warnings_logged):
     frozen = stage(1, epochs=2, lr_values=(0.0,), weights="0:1:1")
-    training.train(tiny_config(shard_dir, tmp_path / "run", [frozen], validate_every_epochs=2))
+    results = training.train(tiny_config(shard_dir, tmp_path / "run", [frozen], validate_every_epochs=2))
+    assert [(point["stage"], point["epoch"]) for point in results["validation_curve"]] == [(1, 2.0)]
+    assert results["validation_curve"][0]["rsum"] == results["metrics"]["val"]["rsum"]
     health = [message for message in warnings_logged if "is not learning" in message]
     assert len(health) == 2 and {"image path", "text path"} <= {
         word for message in health for word in ("image path", "text path") if word in message}

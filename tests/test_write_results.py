@@ -98,18 +98,18 @@ def test_ablation_tables_in_table_order_on_the_test_split_where_present(results_
     page = write_results.render(str(results_dir))
     synthetic = section(page, "### synthetic")
     assert 'synthetic ablations on the "test" split' in synthetic
-    ranking = "| ranking_only | ranking_only described | 60.0 | 85.0 | 93.0 | 45.5 | 80.0 | 90.0 | 453.6 | 2:06 |"
-    shift = "| no_position_shift | no_position_shift described | 50.0 | 70.0 | 80.0 | 40.0 | 60.0 | 70.0 | 370.0 | 0:42 |"
+    ranking = "| ranking_only | ranking_only described | 60.0 | 85.0 | 93.0 | 45.5 | 80.0 | 90.0 | 453.6 |  | 2:06 |"
+    shift = "| no_position_shift | no_position_shift described | 50.0 | 70.0 | 80.0 | 40.0 | 60.0 | 70.0 | 370.0 |  | 0:42 |"
     assert ranking in synthetic and shift in synthetic
     assert synthetic.index(ranking) < synthetic.index(shift)  # the registry's order, not by name
-    assert ("Not run yet: both, instance_only, separate_classifiers, random_word_init, deep_text."
-            in synthetic)
+    assert ("Not run yet: both, instance_only, separate_classifiers, random_word_init, "
+            "instance_only_paper, both_paper, instance_only_dense, deep_text." in synthetic)
     assert "- ranking_only: `python -m experiments.train --flagfile=experiments/configs/synthetic.flags --row=ranking_only`" in synthetic
     assert "Machine: cpu: Test CPU 3000, gpus: none, keras: 3.15.0, logical_cores: 2" in synthetic
 
     flickr = section(page, "### flickr8k")
     assert 'flickr8k ablations on the "val" split' in flickr
-    assert "| ranking_only | ranking_only described | 10.0 | 30.0 | 40.0 | 8.0 | 25.0 | 35.0 | 148.0 | 10:00 |" in flickr
+    assert "| ranking_only | ranking_only described | 10.0 | 30.0 | 40.0 | 8.0 | 25.0 | 35.0 | 148.0 |  | 10:00 |" in flickr
     assert "| main |" not in flickr
     assert "Not run yet: both, instance_only, separate_classifiers" in flickr
 
@@ -118,7 +118,7 @@ def test_a_row_without_test_metrics_puts_its_table_on_val(results_dir):
     write_record(results_dir / "runs", "synthetic", "both", {"val": metrics((5.0, 6.0, 7.0), (8.0, 9.0, 10.0))}, 1.0)
     synthetic = section(write_results.render(str(results_dir)), "### synthetic")
     assert 'synthetic ablations on the "val" split' in synthetic
-    assert "| both | both described | 5.0 | 6.0 | 7.0 | 8.0 | 9.0 | 10.0 | 45.0 | 0:01 |" in synthetic
+    assert "| both | both described | 5.0 | 6.0 | 7.0 | 8.0 | 9.0 | 10.0 | 45.0 |  | 0:01 |" in synthetic
     assert "| ranking_only | ranking_only described | 1.0 | 2.0 | 3.0 |" in synthetic
 
 
@@ -206,3 +206,17 @@ def test_a_variant_of_the_main_run_joins_the_flickr8k_table_not_the_ablations(re
     assert flickr8k.index("(main) |") < flickr8k.index("(main_stage2_hardest) |")
     assert "main_stage2_hardest: main_stage2_hardest described." in flickr8k
     assert "main_stage2_hardest" not in ablations
+
+
+def test_ablation_rows_show_the_validation_curve_of_their_last_stage(tmp_path):
+    runs = tmp_path / "runs"
+    record = write_record(runs, "synthetic", "both", {"val": metrics((1, 2, 3), (1, 2, 3))}, 60)
+    record["results"]["validation_curve"] = [
+        {"stage": 1, "step": 40, "epoch": 4.0, "rsum": 30.04},
+        {"stage": 1, "step": 80, "epoch": 8.0, "rsum": 41.26},
+        {"stage": 2, "step": 10, "epoch": 1.0, "rsum": 99.0}]
+    (runs / "synthetic-both.json").write_text(json.dumps(record))
+    page = write_results.render(str(tmp_path))
+    row = next(line for line in page.splitlines() if line.startswith("| both |"))
+    assert "| 4: 30.0, 8: 41.3 |" in row and "99.0" not in row
+    assert "val rsum by epoch" in page
