@@ -180,3 +180,23 @@ def test_write_report_refuses_figures_that_are_not_flat_numbers(tmp_path):
     written = json.loads(path.read_text())
     assert written["figures"] == {"a_seconds": 2.0} and written["settings"] == {"flag": "value"}
     assert written["machine"] == report.machine()
+
+
+def test_reports_name_paths_relative_to_the_repository_or_shared(tmp_path):
+    settings = {"weights": str(report.SHARED / "weights" / "w.h5"),
+                "split_files": f"train={report.SHARED}/a.txt,dev={report.SHARED}/b.txt",
+                "shard_dir": str(report.REPO / "workspace" / "shards"), "other": "/data/x",
+                "sizes": [str(report.REPO / "a"), 3], "batch_size": 32}
+    path = tmp_path / "report.json"
+    report.write_report(str(path), "train_step", {"steps": 1}, {}, settings)
+    assert json.loads(path.read_text())["settings"] == {
+        "weights": "../shared/weights/w.h5", "split_files": "train=../shared/a.txt,dev=../shared/b.txt",
+        "shard_dir": "workspace/shards", "other": "/data/x", "sizes": ["a", 3], "batch_size": 32}
+
+
+def test_committed_results_name_no_path_of_this_checkout():
+    results = [report.REPO / "experiments" / "RESULTS.md", report.REPO / "README.md",
+               *sorted((report.REPO / "experiments" / "results").rglob("*.json"))]
+    for path in results:
+        text = path.read_text(encoding="utf-8")
+        assert str(report.REPO) not in text and str(report.SHARED) not in text, path

@@ -28,7 +28,9 @@ import tensorflow as tf
 from data_prep import readers
 from dual_path.atomic_write import write_atomically
 
-SHARED_FLICKR8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flickr8k"
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+SHARED_FLICKR8K = SHARED / "data" / "flickr8k"
 _CPUINFO = "/proc/cpuinfo"
 _MEMINFO = "/proc/meminfo"
 
@@ -107,6 +109,20 @@ def describe(machine_info: dict) -> str:
     return f"{device}, {machine_info['logical_cores']} logical cores, TensorFlow {machine_info['tensorflow']}"
 
 
+def portable_settings(value):
+    """value with every absolute path of this checkout written as the repository sees it:
+    ../shared/... for the shared folder, relative to the repository root inside it. Strings
+    are rewritten wherever the paths occur in them (lists like "train=PATH,dev=PATH" too);
+    lists and dicts recursively; anything else as it is."""
+    if isinstance(value, str):
+        return value.replace(f"{SHARED}/", "../shared/").replace(f"{REPO}/", "")
+    if isinstance(value, list):
+        return [portable_settings(item) for item in value]
+    if isinstance(value, dict):
+        return {key: portable_settings(item) for key, item in value.items()}
+    return value
+
+
 def _check_flat_numbers(kind: str, values: dict) -> None:
     for name, value in values.items():
         if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -122,7 +138,8 @@ def write_report(path: str, benchmark: str, figures: dict, ratios: dict, setting
       benchmark: the script's name, e.g. "train_step".
       figures: {name with its unit: number}, e.g. {"dual_path_examples_per_s": 41.2}.
       ratios: {name: figure / figure}, e.g. {"dual_path_over_image_only": 0.31}.
-      settings: the run's settings (flag values), JSON-serialisable.
+      settings: the run's settings (flag values), JSON-serialisable; written with
+        `portable_settings`, so that no path of this machine is committed.
     Raises:
       ValueError: a figure or ratio is not a finite number.
     """
@@ -131,7 +148,7 @@ def write_report(path: str, benchmark: str, figures: dict, ratios: dict, setting
     report = {
         "benchmark": benchmark,
         "machine": machine(),
-        "settings": settings,
+        "settings": portable_settings(settings),
         "figures": figures,
         "ratios": ratios,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -54,7 +54,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import keras
@@ -65,8 +64,7 @@ from dual_path import image_path, input_pipeline, training
 from dual_path.model import DualPathConfig
 from experiments.benchmarks import report
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+SHARED_WEIGHTS = report.SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 DEFAULT_SHARD_DIR = "workspace/flickr8k/shards/flickr8k"
 BUILD_SHARDS_COMMAND = (
     "dual-path-build-shards --source_format=flickr_tokens "
