@@ -130,7 +130,7 @@ class DualPath:
         variables are not listed.
         """
         multipliers = {variable.path: 1.0 for variable in self.training_model.trainable_variables}
-        for classifier in {id(layer): layer for layer in (self.image_classifier, self.text_classifier)}.values():
+        for classifier in self.classifiers():
             for variable in classifier.trainable_variables:
                 multipliers[variable.path] = self.config.classifier_lr_multiplier
         embedding_path = self.text_cnn.get_layer(WORD_EMBEDDING).embeddings.path
