@@ -21,13 +21,26 @@ Usage, with TensorFlow alone:
 Image similarity to a sentence is the dot product of their embeddings. The export's
 settings (S, L, D, flip, shift, ...) are in export_info.json next to saved_model.pb.
 
+A sentence with no known word (empty, only punctuation, or only words outside the
+vocabulary when the shards drop them) embeds as a zero vector: norm 0, similarity 0 to every
+image, so it ranks nothing above anything; it is not given a made-up unit embedding. Every
+signature returns float32 [0, D] for an empty batch. Bytes that are not an image are refused
+with InvalidArgumentError. The export loads with TF2's
+`tf.saved_model.load` and with TF1's session loader (`tf.compat.v1.saved_model.loader.load`,
+`saved_model_cli run`), which is how TF Serving loads it:
+
+  saved_model_cli run --dir model_dir/export/1 --tag_set serve --signature_def encode_texts \
+      --input_exprs 'sentences=["a red circle"]'
+
 Layout: `dual-path-export` writes model_dir/export/<version>/ (TF Serving's layout, versions
 1, 2, ...), first under a temporary name, renamed once complete.
 """
+import dataclasses
 import datetime
 import os
 from typing import NamedTuple
 
+import keras
 import tensorflow as tf
 
 from dual_path import embeddings, input_pipeline, run_layout, text
@@ -42,8 +55,37 @@ MANIFEST_OOV = "oov"
 MANIFEST_MAX_LENGTH = "max_length"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Encoders:
+    """The Keras encoders, in a holder that tf.Module does not track (see `EmbeddingModule`)."""
+
+    image: keras.Model
+    text: keras.Model
+
+
+def _variables_read_by(functions) -> list[tf.Variable]:
+    """The tf.Variables the concrete functions capture, each once, in the order first read."""
+    seen, variables = set(), []
+    for function in functions:
+        for variable in function.variables:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                variables.append(variable)
+    return variables
+
+
 class EmbeddingModule(tf.Module):
     """The trained encoders with everything between raw inputs and embeddings, as TF graphs.
+
+    What the SavedModel tracks is the tf.Variables the signatures read, not the Keras models.
+    Keras 3 saves a tracked `keras.Variable` as a new tf.Variable initialised from its value
+    (`Variable._export_to_saved_model_graph`), and the SavedModel's checkpoint restores that
+    copy (graph names "Variable", "Variable_1", ...), while the traced signatures read the
+    underlying tf.Variable, copied into the graph under the layer's name ("text_fc2_bn/gamma").
+    TF2's loader rebinds the functions to the restored objects, but TF1's session loader (TF
+    Serving, `saved_model_cli run`) runs only the checkpoint's restore op, which leaves every
+    variable the signatures read uninitialised ("Could not find variable text_fc2_bn/gamma").
+    Tracking the variables the signatures read makes the restore op write exactly those, once.
 
     Args:
       model: the trained model (`run_layout.restore`); its config gives S and L.
@@ -65,8 +107,8 @@ class EmbeddingModule(tf.Module):
         if vocabulary.size != model.config.vocab_size:
             raise ValueError(f"{vocabulary_file}: {vocabulary.size} token ids, but the model was "
                              f"trained with vocab_size {model.config.vocab_size}")
-        self.image_encoder = model.image_encoder
-        self.text_encoder = model.text_encoder
+        self._encoders = _Encoders(model.image_encoder, model.text_encoder)
+        self.embedding_size = int(model.config.head_dims[-1])
         self.image_size = model.config.image_size
         self.max_length = model.config.max_length
         self.oov = oov
@@ -89,11 +131,20 @@ class EmbeddingModule(tf.Module):
             tf.TensorSpec([None], tf.string, name="sentences")])
         self.encode_token_ids = tf.function(self._encode_token_ids, input_signature=[
             tf.TensorSpec([None, self.max_length], tf.int32, name="token_ids")])
+        self.encoder_variables = _variables_read_by(self.signatures().values())
 
     def signatures(self) -> dict:
         """{signature name: concrete function} for tf.saved_model.save, serving_default included."""
         functions = {name: getattr(self, name).get_concrete_function() for name in SIGNATURES}
         return {**functions, tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY: functions[SERVING_DEFAULT]}
+
+    def _unless_empty(self, batch: tf.Tensor, encode) -> dict:
+        """{"embeddings": encode(batch)}, or float32 [0, D] without running the encoders when
+        the batch is empty, so that the answer does not depend on whether each kernel on each
+        device (BatchNorm's among them) accepts a batch of none."""
+        return {EMBEDDINGS_KEY: tf.cond(
+            tf.shape(batch)[0] > 0, lambda: encode(batch),
+            lambda: tf.zeros([0, self.embedding_size], tf.float32))}
 
     def _encode_images(self, image_bytes: tf.Tensor) -> dict:
         """Embeds encoded images, decoded and resized whole to S x S as evaluation does.
@@ -108,10 +159,13 @@ class EmbeddingModule(tf.Module):
           InvalidArgumentError "Unknown image file format..." / "Input is empty." for bytes
           that are not such an image.
         """
-        images = tf.map_fn(
-            lambda encoded: input_pipeline.decode_and_resize(encoded, self.image_size), image_bytes,
-            fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32))
-        return self._encode_image_tensors(images)
+        def decode_and_embed(image_bytes):
+            images = tf.map_fn(
+                lambda encoded: input_pipeline.decode_and_resize(encoded, self.image_size),
+                image_bytes,
+                fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32))
+            return embeddings.embed_images(self._encoders.image, images, self.flip_images)
+        return self._unless_empty(image_bytes, decode_and_embed)
 
     def _encode_image_tensors(self, images: tf.Tensor) -> dict:
         """Embeds decoded images already at the model's size.
@@ -122,7 +176,8 @@ class EmbeddingModule(tf.Module):
           {"embeddings": float32 [B, D]}, L2-normalised (with the mirror's embedding added
           first when the export flips images).
         """
-        return {EMBEDDINGS_KEY: embeddings.embed_images(self.image_encoder, images, self.flip_images)}
+        return self._unless_empty(
+            images, lambda images: embeddings.embed_images(self._encoders.image, images, self.flip_images))
 
     def _encode_texts(self, sentences: tf.Tensor) -> dict:
         """Embeds raw sentences: tokenized, looked up, cut to L ids, encoded as evaluation does.
@@ -137,17 +192,19 @@ class EmbeddingModule(tf.Module):
         Returns:
           {"embeddings": float32 [B, D]}, L2-normalised rows except the zero rows above.
         """
-        line = self.vocabulary_table.lookup(text.tf_tokenize(sentences))  # int64 [B, (words)]
-        if self.oov == "drop":
-            line = tf.ragged.boolean_mask(line, line >= 0)
-        token_ids = tf.ragged.map_flat_values(
-            lambda values: tf.where(values >= 0, values + len(text.RESERVED_TOKENS), text.UNK_ID),
-            line)
-        token_ids = tf.cast(token_ids[:, :self.max_length], tf.int32).to_tensor(
-            default_value=text.PAD_ID, shape=[None, self.max_length])
-        embedding = embeddings.embed_texts(self.text_encoder, token_ids, self.shift_texts)
-        has_tokens = tf.reduce_any(token_ids != text.PAD_ID, axis=1, keepdims=True)
-        return {EMBEDDINGS_KEY: tf.where(has_tokens, embedding, tf.zeros_like(embedding))}
+        def tokenize_and_embed(sentences):
+            line = self.vocabulary_table.lookup(text.tf_tokenize(sentences))  # int64 [B, (words)]
+            if self.oov == "drop":
+                line = tf.ragged.boolean_mask(line, line >= 0)
+            token_ids = tf.ragged.map_flat_values(
+                lambda values: tf.where(values >= 0, values + len(text.RESERVED_TOKENS), text.UNK_ID),
+                line)
+            token_ids = tf.cast(token_ids[:, :self.max_length], tf.int32).to_tensor(
+                default_value=text.PAD_ID, shape=[None, self.max_length])
+            embedding = embeddings.embed_texts(self._encoders.text, token_ids, self.shift_texts)
+            has_tokens = tf.reduce_any(token_ids != text.PAD_ID, axis=1, keepdims=True)
+            return tf.where(has_tokens, embedding, tf.zeros_like(embedding))
+        return self._unless_empty(sentences, tokenize_and_embed)
 
     def _encode_token_ids(self, token_ids: tf.Tensor) -> dict:
         """The text encoder alone: one call on the captions as placed, never summed over shifts.
@@ -160,7 +217,8 @@ class EmbeddingModule(tf.Module):
           {"embeddings": float32 [B, D]}, L2-normalised; an all-padding row gives the encoder's
           embedding of padding alone.
         """
-        return {EMBEDDINGS_KEY: tf.cast(self.text_encoder(token_ids, training=False), tf.float32)}
+        return self._unless_empty(
+            token_ids, lambda token_ids: tf.cast(self._encoders.text(token_ids, training=False), tf.float32))
 
 
 class Export(NamedTuple):
@@ -227,7 +285,7 @@ def export_run(model_dir: str, *, shard_dir: str, flip_images: bool, shift_texts
         "shard_dir": shard_dir,
         "image_size": module.image_size,
         "max_length": module.max_length,
-        "embedding_size": int(model.config.head_dims[-1]),
+        "embedding_size": module.embedding_size,
         "vocab_size": model.config.vocab_size,
         "oov": module.oov,
         "flip_images": flip_images,

@@ -54,8 +54,19 @@ LOAD_SCRIPT = textwrap.dedent("""
             "serving_default": signatures["serving_default"](sentences=tf.constant(request["sentences"])),
             "direct_encode_texts": loaded.encode_texts(tf.constant(request["sentences"])),
         }
+        empty = {
+            "encode_images": signatures["encode_images"](image_bytes=tf.zeros([0], tf.string)),
+            "encode_image_tensors": signatures["encode_image_tensors"](
+                images=tf.zeros([0, *arrays["images"].shape[1:]])),
+            "encode_token_ids": signatures["encode_token_ids"](
+                token_ids=tf.zeros([0, arrays["token_ids"].shape[1]], tf.int32)),
+            "encode_texts": signatures["encode_texts"](sentences=tf.zeros([0], tf.string)),
+            "serving_default": signatures["serving_default"](sentences=tf.zeros([0], tf.string)),
+        }
         for key, result in calls.items():
             outputs[f"{name}/{key}"] = result["embeddings"].numpy()
+        for key, result in empty.items():
+            outputs[f"{name}/empty/{key}"] = result["embeddings"].numpy()
         for bad in (b"not an image", b"", request["truncated_jpeg"].encode("latin-1")):
             try:
                 signatures["encode_images"](image_bytes=tf.constant([bad]))
@@ -65,6 +76,43 @@ LOAD_SCRIPT = textwrap.dedent("""
     np.savez(sys.argv[3], **outputs)
     report["project_modules"] = sorted(
         name for name in sys.modules if name.split(".")[0] in ("dual_path", "data_prep", "experiments"))
+    print("REPORT" + json.dumps(report))
+""")
+
+
+# TF1's session loader, as TF Serving loads a SavedModel: every signature through its
+# SignatureDef's tensor names, on the inputs of LOAD_SCRIPT and on an empty batch.
+SESSION_SCRIPT = textwrap.dedent("""
+    import base64, json, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.compat.v1.disable_eager_execution()
+    request = json.load(open(sys.argv[1]))
+    arrays = np.load(sys.argv[2])
+    feeds = {
+        "image_bytes": [base64.b64decode(item) for item in request["image_bytes"]],
+        "images": arrays["images"], "token_ids": arrays["token_ids"],
+        "sentences": request["sentences"],
+    }
+    outputs, report = {}, {"errors": {}}
+    for name, path in request["exports"].items():
+        with tf.compat.v1.Session(graph=tf.Graph()) as session:
+            meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+            for key, signature in meta_graph.signature_def.items():
+                if key.startswith("__"):
+                    continue
+                (input_key, tensor_info), = signature.inputs.items()
+                output = signature.outputs["embeddings"].name
+                value = feeds[input_key]
+                outputs[f"{name}/{key}"] = session.run(output, {tensor_info.name: value})
+                outputs[f"{name}/empty/{key}"] = session.run(output, {tensor_info.name: value[:0]})
+            signature = meta_graph.signature_def["encode_images"]
+            try:
+                session.run(signature.outputs["embeddings"].name,
+                            {signature.inputs["image_bytes"].name: [b"not an image"]})
+            except tf.errors.InvalidArgumentError as error:
+                report["errors"][name] = error.message
+    np.savez(sys.argv[3], **outputs)
     print("REPORT" + json.dumps(report))
 """)
 
@@ -156,6 +204,25 @@ def loaded_outputs(exported, inputs, tmp_path_factory) -> tuple[dict, dict]:
         return dict(outputs), report
 
 
+@pytest.fixture(scope="module")
+def session_outputs(exported, inputs, loaded_outputs, tmp_path_factory) -> tuple[dict, dict]:
+    """(outputs, report) of SESSION_SCRIPT on both exports, in a process without this project."""
+    root = tmp_path_factory.mktemp("session")
+    request = {
+        "exports": {name: result.export_dir for name, result in exported.items()},
+        "image_bytes": [base64.b64encode(item).decode() for item in inputs["image_bytes"]],
+        "sentences": inputs["sentences"],
+    }
+    (root / "request.json").write_text(json.dumps(request))
+    np.savez(root / "arrays.npz", images=inputs["images"], token_ids=inputs["token_ids"])
+    process = subprocess.run(
+        [sys.executable, "-c", SESSION_SCRIPT, str(root / "request.json"), str(root / "arrays.npz"),
+         str(root / "outputs.npz")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    with np.load(root / "outputs.npz") as outputs:
+        return dict(outputs), json.loads(process.stdout.split("REPORT", 1)[1])
+
+
 def _expected(trained_run, inputs, checkpoint, flip_images, shift_texts) -> dict:
     model, _ = run_layout.restore(trained_run.model_dir, which=checkpoint)
     return {
@@ -207,6 +274,68 @@ def test_export_info_and_vocabulary_asset(exported, trained_run):
     assert (Path(result.export_dir, "assets", "vocab.txt").read_text()
             == Path(text.vocabulary_path(trained_run.shard_dir)).read_text())
     assert not Path(result.export_dir + ".tmp").exists()
+
+
+SIGNATURE_NAMES = (*export.SIGNATURES, "serving_default")
+
+
+def test_tf1_session_loader_runs_every_signature_as_tf2_does(session_outputs, loaded_outputs, exported):
+    """Regression: the session loader (TF Serving's) left the variables the signatures read
+    uninitialised: "Could not find variable text_fc2_bn/gamma"."""
+    session, report = session_outputs
+    tf2, _ = loaded_outputs
+    for name in exported:
+        for key in SIGNATURE_NAMES:
+            np.testing.assert_allclose(session[f"{name}/{key}"], tf2[f"{name}/{key}"], atol=1e-5,
+                                       err_msg=f"{name}/{key}")
+        assert "Unknown image file format" in report["errors"][name]
+
+
+@pytest.mark.parametrize("loader", ["tf2", "session"])
+def test_every_signature_returns_float32_0_by_d_on_an_empty_batch(loader, loaded_outputs,
+                                                                   session_outputs, exported):
+    outputs, _ = loaded_outputs if loader == "tf2" else session_outputs
+    for name, result in exported.items():
+        for key in SIGNATURE_NAMES:
+            empty = outputs[f"{name}/empty/{key}"]
+            assert empty.shape == (0, result.info["embedding_size"]), f"{loader} {name}/{key}"
+            assert empty.dtype == np.float32
+
+
+def _saved_model_cli(*args: str, cwd: Path) -> None:
+    process = subprocess.run(
+        [str(Path(sys.executable).with_name("saved_model_cli")), "run", *args, "--tag_set", "serve"],
+        cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
+def test_saved_model_cli_runs_encode_texts_and_encode_images(exported, inputs, loaded_outputs, tmp_path):
+    """The README's serving command as written, and encode_images on JPEG bytes from a .npy."""
+    tf2, _ = loaded_outputs
+    export_dir = exported["plain"].export_dir
+    _saved_model_cli("--dir", export_dir, "--signature_def", "encode_texts",
+                     "--input_exprs", f"sentences={json.dumps(SENTENCES[:2])}",
+                     "--outdir", str(tmp_path / "texts"), cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "texts" / "embeddings.npy"),
+                               tf2["plain/encode_texts"][:2], atol=1e-5)
+    jpeg = inputs["image_bytes"][:3]
+    assert all(not item.endswith(b"\0") for item in jpeg)  # numpy's bytes_ keeps them whole
+    np.save(tmp_path / "images.npy", np.array(jpeg, dtype=np.bytes_))
+    _saved_model_cli("--dir", export_dir, "--signature_def", "encode_images",
+                     "--inputs", f"image_bytes={tmp_path / 'images.npy'}",
+                     "--outdir", str(tmp_path / "images"), cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "images" / "embeddings.npy"),
+                               tf2["plain/encode_images"][:3], atol=1e-5)
+
+
+def test_export_stores_each_variable_once(exported):
+    """The checkpoint holds the variables the signatures read, not a second copy of each."""
+    reader = tf.train.load_checkpoint(str(Path(exported["plain"].export_dir, "variables", "variables")))
+    stored = [key for key in reader.get_variable_to_shape_map() if key.endswith("VARIABLE_VALUE")]
+    loaded = tf.saved_model.load(exported["plain"].export_dir)
+    assert len(stored) == len(loaded.encoder_variables)
+    assert {variable.name for variable in loaded.encoder_variables} >= {
+        "text_fc2_bn/gamma:0", "text_fc2_bn/moving_mean:0", "word_embedding/embeddings:0"}
 
 
 def test_sentences_without_known_words_embed_to_zeros(loaded_outputs):
