@@ -25,11 +25,18 @@ What a run writes under model_dir (see WORKSPACE.md):
   stage{N}/done                          JSON, written atomically after the stage's final
                                          checkpoint: a finished stage is never trained again
   logs/stage{N}/train, .../validation    TensorBoard: losses, accuracies, lr, steps/s,
-                                         examples/s; R@K, rsum, a retrieval example;
-                                         logs/stage{N}/projector: validation embeddings
+                                         examples/s; R@K, rsum, a retrieval example; in
+                                         .../validation also the projector's embeddings of
+                                         the validation images and captions at the stage's
+                                         end (projector_config.pbtxt, metadata.tsv,
+                                         embedding-<n> with its `checkpoint` file)
   results.json                           validation (and test) metrics of the final model, and
                                          the validation rsum of every validation this process
                                          ran ("validation_curve": stage, step, epoch, rsum)
+
+TensorBoard's step axis is the run's global step: stage I's step s is plotted at s, stage II's
+at (stage I's final step) + s, so the two stages' curves follow one another. Checkpoints,
+done markers and results.json count steps within their stage.
 
 A run killed at any moment and started again with the same arguments resumes from the
 last checkpoint of the unfinished stage: weights, optimizer state, step (and with it
@@ -59,6 +66,9 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 WORD_EMBEDDING_INITS = ("word2vec", "random")
 RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 RETRIEVAL_EXAMPLE_TOP_K = 5
+PROJECTOR_TENSOR = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+"""The projector's tensor: validation image embeddings, then their captions' (metadata.tsv order)."""
+PROJECTOR_METADATA = "metadata.tsv"
 _THUMBNAIL = 96
 # PIL's default bitmap font: about 6 pixels a character, 11 a line.
 _CHARACTER_WIDTH = 6
@@ -311,6 +321,7 @@ class Trainer:
             max_length=config.model.max_length, flip_images=config.eval_flip_images,
             shift_texts=config.eval_shift_texts, strategy=self.strategy)
         self._last_validation = (None, None, None)
+        self._summary_step_offset = 0
         self._validation_curve: list[dict] = []
         self._texts_by_split: dict[str, list[str]] = {}
         weights = self.model.training_model.weights
@@ -544,6 +555,7 @@ class Trainer:
             self.imprint_classifier(stage)
 
         writers = self._summary_writers(stage.stage)
+        self._summary_step_offset = self._stage_start_global_step(stage.stage)
         if int(step.numpy()) < total_steps:
             self._train_loop(stage, schedule, step, epoch, best_rsum, optimizer, manager,
                              best_manager, writers)
@@ -593,6 +605,23 @@ class Trainer:
         tf.train.Checkpoint(model=self.model.training_model).read(path).expect_partial() \
             .assert_existing_objects_matched()
         logging.info("stage 2: starts from stage I's final checkpoint %s", path)
+
+    def _stage_start_global_step(self, stage: int) -> int:
+        """The global step at which the stage's step 0 lies: 0 for stage I, stage I's final
+        step (its done marker, in stage1_from or model_dir) for stage II."""
+        if stage == 1:
+            return 0
+        stage1_dir = self.config.stage1_from or self.config.model_dir
+        done = run_layout.read_done_marker(stage1_dir, 1)
+        if done is None:
+            logging.warning("no stage I done marker in %s: stage II's TensorBoard steps start at 0",
+                            stage1_dir)
+            return 0
+        return int(done["step"])
+
+    def _summary_step(self, current: int) -> int:
+        """TensorBoard's step for the stage's step `current`: the run's global step."""
+        return self._summary_step_offset + current
 
     def _summary_writers(self, stage: int) -> dict:
         logs = os.path.join(self.config.model_dir, "logs", f"stage{stage}")
@@ -671,7 +700,7 @@ class Trainer:
             message = (f"stage {stage.stage} epoch {finished_epoch}: the {path} path's instance "
                        f"loss is not learning over the last validation interval: {reason}")
             logging.warning("%s", message)
-            with writer.as_default(step=current):
+            with writer.as_default(step=self._summary_step(current)):
                 tf.summary.text(f"health/{path}_instance_loss", message)
 
     def _log_progress(self, stage, current, total_steps, lr, means, steps_per_second, writer):
@@ -684,7 +713,7 @@ class Trainer:
             stage.stage, epoch_progress, stage.epochs, current, total_steps, means["loss"],
             means["rank_loss"], means["image_loss"], means["text_loss"], means["image_accuracy"],
             means["text_accuracy"], lr, examples_per_second)
-        with writer.as_default(step=current):
+        with writer.as_default(step=self._summary_step(current)):
             for name, value in means.items():
                 tf.summary.scalar(f"loss/{name}" if name.endswith("loss") else f"accuracy/{name}",
                                   value)
@@ -717,7 +746,7 @@ class Trainer:
                                        "rsum": metrics["rsum"]})
         logging.info("stage %d step %d | %s | %s", stage, current, split,
                      " ".join(f"{name} {metrics[name]:.2f}" for name in RECALL_COLUMNS))
-        with writer.as_default(step=current):
+        with writer.as_default(step=self._summary_step(current)):
             for name, value in metrics.items():
                 tf.summary.scalar(f"retrieval/{name}", value)
             if self.chief:
@@ -751,9 +780,14 @@ class Trainer:
         num_images = min(self.config.projector_images, len(split_embeddings.image))
         captions = np.flatnonzero(split_embeddings.image_of_text < num_images)
         texts = self._caption_texts(split)
-        log_dir = os.path.join(self.config.model_dir, "logs", f"stage{stage}", "projector")
+        # TensorBoard lists as runs only folders with event files, and resolves a checkpoint
+        # path in projector_config.pbtxt against its own working directory: so the embeddings
+        # go into the validation run, and the config names no checkpoint, leaving TensorBoard
+        # to find the folder's latest through its `checkpoint` file (relative, so the run can
+        # move).
+        log_dir = os.path.join(self.config.model_dir, "logs", f"stage{stage}", "validation")
         tf.io.gfile.makedirs(log_dir)
-        with tf.io.gfile.GFile(os.path.join(log_dir, "metadata.tsv"), "w") as metadata:
+        with tf.io.gfile.GFile(os.path.join(log_dir, PROJECTOR_METADATA), "w") as metadata:
             metadata.write("kind\timage\ttext\n")
             for index in range(num_images):
                 metadata.write(f"image\t{index}\t\n")
@@ -761,12 +795,13 @@ class Trainer:
                 clean = " ".join(texts[caption_id].split())
                 metadata.write(f"caption\t{split_embeddings.image_of_text[caption_id]}\t{clean}\n")
         vectors = np.concatenate([split_embeddings.image[:num_images], split_embeddings.text[captions]])
-        tf.train.Checkpoint(embedding=tf.Variable(vectors)).write(os.path.join(log_dir, "embedding.ckpt"))
+        tf.train.CheckpointManager(
+            tf.train.Checkpoint(embedding=tf.Variable(vectors)), log_dir, max_to_keep=1,
+            checkpoint_name="embedding").save(checkpoint_number=self._summary_step(step))
         projector_config = projector.ProjectorConfig()
-        projector_config.model_checkpoint_path = "embedding.ckpt"
         embedding = projector_config.embeddings.add()
-        embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
-        embedding.metadata_path = "metadata.tsv"
+        embedding.tensor_name = PROJECTOR_TENSOR
+        embedding.metadata_path = PROJECTOR_METADATA
         projector.visualize_embeddings(log_dir, projector_config)
 
     # ---- the whole run ---------------------------------------------------------------

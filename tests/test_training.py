@@ -98,7 +98,7 @@ def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shar
         assert done["best_checkpoint"].startswith("best/")
     logs = tmp_path / "run" / "logs" / "stage2"
     assert list((logs / "train").iterdir()) and list((logs / "validation").iterdir())
-    assert (logs / "projector" / "projector_config.pbtxt").exists()
+    assert (logs / "validation" / "projector_config.pbtxt").exists()
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(shard_dir, tmp_path):
