@@ -8,7 +8,7 @@ a validation interval and calls `inert_paths`; a path that is inert gets a warni
 figures, so that a user sees when the paper's loss is doing nothing.
 
 A path is inert when, over the interval,
-  mean loss >= (1 - LOSS_TOLERANCE) * ln C          (within a few percent of chance), or
+  mean loss >= (1 - LOSS_TOLERANCE) * ln C          (within a few percent of chance, or worse), or
   mean accuracy < CHANCE_FACTOR / C                 (at chance: fewer hits than a few lucky guesses).
 The train accuracy is measured in training mode (dropout on), as the step computes it.
 """
@@ -38,7 +38,8 @@ def inert_paths(mean_losses: Mapping[str, float], mean_accuracies: Mapping[str, 
         accuracy = mean_accuracies[path]
         reasons = []
         if loss >= loss_floor:
-            reasons.append(f"loss {loss:.3f} is within {LOSS_TOLERANCE:.0%} of ln C = {chance_loss:.3f}")
+            where = (f"within {LOSS_TOLERANCE:.0%} of" if loss <= chance_loss else "above")
+            reasons.append(f"loss {loss:.3f} is {where} ln C = {chance_loss:.3f}")
         if accuracy < accuracy_floor:
             reasons.append(f"train accuracy {accuracy:.5f} is below {CHANCE_FACTOR:g} x chance "
                            f"(1/C = {1.0 / num_classes:.5f})")

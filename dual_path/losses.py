@@ -15,11 +15,11 @@ of that mean. Outside any strategy, under the default strategy, or when called i
 cross-replica context on a whole batch, the loss is the plain batch mean.
 
 The ranking loss needs the negatives of the whole global batch: inside
-`strategy.run` it gathers the embeddings and labels of all replicas with
-`tf.distribute.get_replica_context().all_gather`. That op's gradient sums the
-upstream gradients of all replicas and hands each replica the slice of its own
-rows, so each replica's embeddings receive the gradient of the global loss (sum
-over replicas), and the summed variable gradients equal the 1-replica gradients
+`strategy.run` it gathers the embeddings and labels of all replicas (a SUM all-reduce
+of each replica's rows placed at their global offset; see `_gather_global_batch`). The
+gradient sums the upstream gradients of all replicas and hands each replica the slice
+of its own rows, so each replica's embeddings receive the gradient of the global loss
+(sum over replicas), and the summed variable gradients equal the 1-replica gradients
 on the same global batch (tests/test_losses.py checks this with 2 CPU replicas).
 """
 from typing import Optional
@@ -73,6 +73,14 @@ def instance_loss(logits: tf.Tensor, labels: tf.Tensor, label_smoothing: float =
 def _gather_global_batch(image_emb, text_emb, labels):
     """The global batch's embeddings and labels, and where this replica's rows start.
 
+    Gathered with `ReplicaContext.all_reduce` (SUM of each replica's rows placed at their
+    global offset in zeros), not `all_gather`: under MultiWorkerMirroredStrategy all_gather
+    goes through a merge_call that needs each tensor's device, which is empty inside a
+    tf.function on a worker with one device ("destinations can not be empty"), while
+    all_reduce runs in the replica context on every strategy. Its gradient is the SUM
+    all-reduce of the upstream gradients, so each replica's rows get the gradient of the
+    global loss, as all_gather's would.
+
     Returns:
       (global_image_emb [G, D], global_text_emb [G, D], global_labels [G] or None,
        row_offset int32 scalar: the global index of this replica's first row).
@@ -80,12 +88,25 @@ def _gather_global_batch(image_emb, text_emb, labels):
     context = _replica_context()
     if context is None:
         return image_emb, text_emb, labels, tf.constant(0, tf.int32)
-    global_image_emb, global_text_emb = context.all_gather([image_emb, text_emb], axis=0)
-    global_labels = None if labels is None else context.all_gather(labels, axis=0)
-    local_sizes = context.all_gather(tf.shape(image_emb)[:1], axis=0)
-    replica_ids = tf.range(context.num_replicas_in_sync)
-    row_offset = tf.reduce_sum(
-        tf.where(replica_ids < context.replica_id_in_sync_group, local_sizes, 0))
+    replicas = context.num_replicas_in_sync
+    local_size = tf.shape(image_emb)[0]
+    own = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=tf.float32)
+    sizes = tf.cast(tf.stop_gradient(context.all_reduce(
+        tf.distribute.ReduceOp.SUM, own * tf.cast(local_size, tf.float32))), tf.int32)  # [R]
+    row_offset = tf.reduce_sum(tf.where(tf.range(replicas) < context.replica_id_in_sync_group,
+                                        sizes, 0))
+    after = tf.reduce_sum(sizes) - row_offset - local_size
+
+    def spread(rows):  # [n, ...] -> [G, ...]: this replica's rows at their offset, zeros elsewhere
+        return tf.pad(rows, [[row_offset, after]] + [[0, 0]] * (rows.shape.rank - 1))
+
+    global_image_emb, global_text_emb = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, [spread(image_emb), spread(text_emb)])
+    global_labels = None
+    if labels is not None:
+        # float32 carries integer labels exactly up to 2**24 classes.
+        global_labels = tf.cast(tf.stop_gradient(context.all_reduce(
+            tf.distribute.ReduceOp.SUM, spread(tf.cast(labels, tf.float32)))), labels.dtype)
     return global_image_emb, global_text_emb, global_labels, row_offset
 
 

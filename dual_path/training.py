@@ -226,15 +226,10 @@ def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process writes checkpoints, summaries and results (always, but on
-    non-chief workers of a multi-worker cluster)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type or isinstance(strategy, tf.distribute.TPUStrategy):
-        return True
-    if resolver.task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+    """Whether this process writes checkpoints, results and the run's files: the strategy's
+    `extended.should_checkpoint`, False only on the non-chief workers of a multi-worker
+    cluster (the chief is task "chief", else worker 0)."""
+    return bool(strategy.extended.should_checkpoint)
 
 
 def _checkpoint_number(path: str) -> int:
@@ -464,7 +459,13 @@ class Trainer:
                 config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
                 position_shift=config.position_shift)
-        return iter(self.strategy.experimental_distribute_dataset(dataset))
+        # DATA auto-sharding: every worker runs the same seeded pipeline and keeps its own
+        # replicas' slices of each global batch, so the cluster's global batches are a single
+        # process's, each example once per epoch. (FILE sharding would let each worker read
+        # only its shard files, but then the global batches depend on the number of workers.)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return iter(self.strategy.experimental_distribute_dataset(dataset.with_options(options)))
 
     def _training_backbone_features(self, stage: StageConfig) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [N, F] backbone features, int32 [N] labels) of the N training images.
@@ -536,18 +537,22 @@ class Trainer:
             self._write_dir(os.path.join(directory, run_layout.BEST_DIR)), max_to_keep=1,
             step_counter=step, checkpoint_name="ckpt")
 
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        # Every worker resumes from the chief's checkpoints (a worker's own scratch copies
+        # may be gone with its machine), so the cluster restarts at one step.
+        latest = tf.train.latest_checkpoint(directory)
+        if latest:
+            checkpoint.restore(latest).assert_existing_objects_matched()
             if int(stage_number.numpy()) != stage.stage:
-                raise ValueError(f"{manager.latest_checkpoint} holds stage {int(stage_number.numpy())}, "
+                raise ValueError(f"{latest} holds stage {int(stage_number.numpy())}, "
                                  f"not stage {stage.stage}")
-            if best_manager.latest_checkpoint:
+            latest_best = tf.train.latest_checkpoint(os.path.join(directory, run_layout.BEST_DIR))
+            if latest_best:
                 # The best checkpoint may be newer than the last full one (killed in between).
                 best_rsum.assign(max(float(best_rsum.numpy()), float(tf.train.load_variable(
-                    best_manager.latest_checkpoint, "best_rsum/.ATTRIBUTES/VARIABLE_VALUE"))))
+                    latest_best, "best_rsum/.ATTRIBUTES/VARIABLE_VALUE"))))
             resumed_step = int(step.numpy())
             logging.info("stage %d: resumed from %s at step %d (epoch %d), lr %g",
-                         stage.stage, manager.latest_checkpoint, resumed_step, int(epoch.numpy()),
+                         stage.stage, latest, resumed_step, int(epoch.numpy()),
                          schedule.value_at(resumed_step))
         elif stage.stage == 2:
             self._load_stage1_final()
@@ -624,8 +629,10 @@ class Trainer:
         return self._summary_step_offset + current
 
     def _summary_writers(self, stage: int) -> dict:
+        """{"train", "validation"}: file writers where the strategy says this process writes
+        summaries (`extended.should_save_summary`), no-op writers elsewhere."""
         logs = os.path.join(self.config.model_dir, "logs", f"stage{stage}")
-        if not self.chief:
+        if not self.strategy.extended.should_save_summary:
             return {"train": tf.summary.create_noop_writer(),
                     "validation": tf.summary.create_noop_writer()}
         return {name: tf.summary.create_file_writer(os.path.join(logs, name))

@@ -221,6 +221,9 @@ def test_inert_paths_flags_loss_at_ln_c_and_accuracy_at_chance():
     assert "within 3% of ln C = 6.908" in inert["image"]
     assert "below 5 x chance" in inert["text"]
     assert instance_health.inert_paths({"text": 2.0}, {"text": 0.2}, 1000) == {}
+    # Regression: a loss above ln C was reported as "within 3% of ln C".
+    above = instance_health.inert_paths({"image": 8.168}, {"image": 0.3}, 256)
+    assert above["image"] == "loss 8.168 is above ln C = 5.545"
 
 
 @pytest.fixture
