@@ -39,7 +39,7 @@ import tensorflow as tf
 from data_prep import readers
 from data_prep.records import DataFormatError
 from dual_path import embeddings, export, input_pipeline, text
-from dual_path.model import build_dual_path
+from dual_path.model import DualPath, build_dual_path
 from experiments.benchmarks import report, train_step
 
 MAX_ABS_DIFFERENCE = 1e-4
@@ -87,10 +87,12 @@ def _check_equal(name: str, saved_model: np.ndarray, keras: np.ndarray) -> None:
                  f"by {difference:.2e} (more than {MAX_ABS_DIFFERENCE})")
 
 
-def time_encoders(module: export.EmbeddingModule, signatures, vocabulary_file: str,
-                  image_bytes: list[bytes], sentences: list[str], batch_size: int) -> dict:
+def time_encoders(model: DualPath, module: export.EmbeddingModule, signatures,
+                  vocabulary_file: str, image_bytes: list[bytes], sentences: list[str],
+                  batch_size: int) -> dict:
     """{figure name: images/s or captions/s} of the loaded SavedModel's signatures and of the
-    Keras encoders the module was made from, on encoded image files and raw sentences."""
+    Keras encoders of `model`, which `module` was made from, on encoded image files and raw
+    sentences."""
     vocabulary = text.Vocabulary.load(vocabulary_file)
     image_size, max_length = module.image_size, module.max_length
 
@@ -112,8 +114,8 @@ def time_encoders(module: export.EmbeddingModule, signatures, vocabulary_file: s
     sentence_batches = [tf.constant(batch) for batch in sentence_lists]
     id_batches = [tf.constant(token_ids(batch)) for batch in sentence_lists]
     keras_images = tf.function(
-        lambda images: embeddings.embed_images(module.image_encoder, images, module.flip_images))
-    keras_texts = tf.function(lambda ids: embeddings.embed_texts(module.text_encoder, ids, module.shift_texts))
+        lambda images: embeddings.embed_images(model.image_encoder, images, module.flip_images))
+    keras_texts = tf.function(lambda ids: embeddings.embed_texts(model.text_encoder, ids, module.shift_texts))
     jpeg_pipeline = (tf.data.Dataset.from_tensor_slices(tf.constant(image_bytes))
                      .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
                      .batch(batch_size)
@@ -177,7 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dual_path_export_") as export_dir:
         tf.saved_model.save(module, export_dir, signatures=module.signatures())
         signatures = tf.saved_model.load(export_dir).signatures
-        figures = time_encoders(module, signatures, vocabulary_file, image_bytes, sentences, args.batch_size)
+        figures = time_encoders(model, module, signatures, vocabulary_file, image_bytes, sentences, args.batch_size)
 
     ratios = {
         "saved_model_over_keras_image_tensors":
