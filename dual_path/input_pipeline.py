@@ -15,11 +15,15 @@ Five pipelines:
 Captions are small: all caption shards of a split are read once into memory (`read_captions`).
 Images are streamed from their shards.
 
-Determinism: every random choice in `train_dataset` is a stateless op whose seed is derived
-from (seed, the element's position in the repeated stream), so batches depend only on the
-seed, not on thread scheduling (with deterministic=True, which also fixes element order).
-The shuffles are tf.data's, whose order comes from the seed together with TensorFlow's global
-seed: the trainer sets both from --seed (`keras.utils.set_random_seed`).
+Determinism: the training streams are epochs of steps_per_epoch batches each (the N mod B
+images an epoch leaves out differ from epoch to epoch). Epoch e's order is a function of
+(seed, e) alone, and every random choice is a stateless op whose seed is derived from (seed,
+the element's position in the stream), so batches depend only on the seed, not on thread
+scheduling (with deterministic=True, which also fixes element order). A stream started at
+step s (`start_step`, a resume) is the uninterrupted stream from batch s: epoch s //
+steps_per_epoch, its first s % steps_per_epoch batches skipped as serialized records, before
+anything is decoded. No order depends on TensorFlow's global seed; the trainer still sets it
+from --seed (`keras.utils.set_random_seed`) for the initial weights.
 
 Images come out as float32 in 0..255 with no model-specific normalisation: the model does that.
 """
@@ -307,14 +311,47 @@ def _element_seeds(seed: int, position: tf.Tensor, num: int) -> list[tf.Tensor]:
         tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)]), num=num))
 
 
-def _interleaved_image_records(shard_dir: str, split: str, *, seed: int | None,
+def _check_one_batch(shard_dir: str, split: str, num_images: int, batch_size: int) -> None:
+    if num_images < batch_size:
+        raise ValueError(f"{shard_dir} ({split}): {num_images} images, fewer than one batch of "
+                         f"{batch_size}: an epoch would have no batch")
+
+
+def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """int64 [2]: the stateless seed of epoch `epoch`'s order."""
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+
+
+def _epochs(start_step: int, steps_per_epoch: int, batch_size: int, epoch_elements) -> tf.data.Dataset:
+    """(position int64 [], element) of epochs start_step // steps_per_epoch, ... forever.
+
+    Epoch e is epoch_elements(e: int64 []) cut to its first steps_per_epoch * batch_size
+    elements; position = e * steps_per_epoch * batch_size + the element's index in its epoch.
+    The first start_step % steps_per_epoch batches' worth is skipped here, before the caller
+    maps anything over the elements.
+    """
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    per_epoch = steps_per_epoch * batch_size
+    first_epoch, done_batches = divmod(start_step, steps_per_epoch)
+
+    def epoch(e):
+        return (epoch_elements(e).take(per_epoch).enumerate()
+                .map(lambda index, element: (e * per_epoch + index, element)))
+
+    return (tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+            .flat_map(epoch)
+            .skip(done_batches * batch_size))
+
+
+def _interleaved_image_records(shard_dir: str, split: str, *, seed: tf.Tensor | None,
                                deterministic: bool) -> tf.data.Dataset:
     """The split's serialized image Examples, read from its shards in parallel (shard order
-    shuffled with `seed`, or fixed when seed is None)."""
-    files = tf.data.Dataset.from_tensor_slices(shard_format.shard_files(shard_dir, split, shard_format.IMAGES))
+    shuffled with the stateless int64 [2] `seed`, or fixed when seed is None)."""
+    files = tf.constant(shard_format.shard_files(shard_dir, split, shard_format.IMAGES))
     if seed is not None:
-        files = files.shuffle(files.cardinality(), seed=seed, reshuffle_each_iteration=True)
-    return files.interleave(
+        files = tf.random.experimental.stateless_shuffle(files, seed)
+    return tf.data.Dataset.from_tensor_slices(files).interleave(
         tf.data.TFRecordDataset,
         cycle_length=MAX_INTERLEAVED_SHARDS,
         block_length=1,
@@ -336,11 +373,11 @@ def train_dataset(
     crop_area: tuple[float, float] = (0.8, 1.0),
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    drop_remainder: bool = True,
     deterministic: bool = True,
     split: str = "train",
+    start_step: int = 0,
 ) -> tf.data.Dataset:
-    """Augmented (image, caption) pairs of a split, every image once per epoch, forever.
+    """Augmented (image, caption) pairs of a split in epochs of N // B batches, forever.
 
     Per image and epoch: one of its captions at random (at most max_length ids); a random crop
     covering crop_area of the image with width/height in crop_aspect, decoded alone and
@@ -353,11 +390,14 @@ def train_dataset(
       shard_dir: folder with the split's image and caption shards (and vocab.txt when
         flip="swap_left_right" and no vocabulary is given).
       vocabulary: for the swap table; default `text.Vocabulary.load(text.vocabulary_path(shard_dir))`.
-      shuffle_buffer: serialized image Examples held for shuffling, reshuffled each epoch.
+      shuffle_buffer: serialized image Examples permuted together (a window of the epoch's
+        interleaved shard reads), in a new order each epoch.
       deterministic: keep element order fixed (parallel reads and maps in order).
+      start_step: the first batch: the stream from 0 without its first start_step batches
+        (skipped undecoded; see the module docstring).
     Returns:
-      tf.data.Dataset of dicts, B = batch_size (the last batch of the endless stream is never
-      partial when drop_remainder):
+      tf.data.Dataset of dicts, B = batch_size, each batch within one epoch (an epoch is N // B
+      batches of distinct images):
         "image": float32 [B, image_size, image_size, 3], RGB in 0..255.
         "token_ids": int32 [B, max_length], 0 = padding.
         "label": int32 [B], the instance class.
@@ -368,6 +408,7 @@ def train_dataset(
     sample_caption = _CaptionSampler(shard_dir, split, max_length=max_length, flip=flip,
                                      position_shift=position_shift, vocabulary=vocabulary)
     num_images = sample_caption.num_images
+    _check_one_batch(shard_dir, split, num_images, batch_size)
 
     def augment(position: tf.Tensor, serialized: tf.Tensor) -> dict:
         """position: int64 [] in the repeated stream; serialized: tf.string [] image Example."""
@@ -387,13 +428,24 @@ def train_dataset(
             "image_index": image_index,
         }
 
+    def epoch_records(epoch):
+        """The epoch's serialized Examples: shards in a permuted order, read interleaved, then
+        permuted within consecutive windows of shuffle_buffer records (stateless, seeded by
+        (seed, epoch, window): tf.data's shuffle buffer takes no per-epoch seed tensor)."""
+        epoch_seed = _epoch_seed(seed, epoch)
+
+        def permuted(index, window):
+            window_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
+            return tf.data.Dataset.from_tensor_slices(
+                tf.random.experimental.stateless_shuffle(window, window_seed))
+
+        return (_interleaved_image_records(shard_dir, split, seed=epoch_seed, deterministic=deterministic)
+                .batch(shuffle_buffer).enumerate().flat_map(permuted))
+
     return (
-        _interleaved_image_records(shard_dir, split, seed=seed, deterministic=deterministic)
-        .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .enumerate()
+        _epochs(start_step, num_images // batch_size, batch_size, epoch_records)
         .map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-        .batch(batch_size, drop_remainder=drop_remainder)
+        .batch(batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
 
@@ -457,10 +509,12 @@ def cached_feature_dataset(
     flip: str = "swap_left_right",
     position_shift: bool = True,
     split: str = "train",
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """`train_dataset` with cached backbone features of augmented views in place of images.
 
-    Every image once per epoch, in a new random order each epoch, forever: one of its V cached
+    Epochs of N // B batches of distinct images, in a new random order each epoch (a function
+    of (seed, epoch)), forever, from batch start_step: one of its V cached
     views at random, with one of its captions drawn and placed as `train_dataset` does (the
     caption's left/right swapped when that view was mirrored).
 
@@ -482,6 +536,7 @@ def cached_feature_dataset(
             f"{shard_dir} ({split}): cached features of shape {features.shape} and flips of shape "
             f"{flipped.shape} do not match the split's {sample_caption.num_images} images"
         )
+    _check_one_batch(shard_dir, split, num_images, batch_size)
     view_flipped = tf.constant(flipped, tf.bool)
     labels = tf.constant(sample_caption.labels, tf.int32)
 
@@ -502,11 +557,12 @@ def cached_feature_dataset(
         batch["image_features"] = tf.ensure_shape(rows, [batch_size, feature_dim])
         return batch
 
+    def epoch_images(epoch):
+        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(
+            tf.range(num_images, dtype=tf.int64), _epoch_seed(seed, epoch)))
+
     return (
-        tf.data.Dataset.range(num_images)
-        .shuffle(num_images, seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .enumerate()
+        _epochs(start_step, num_images // batch_size, batch_size, epoch_images)
         .map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(batch_size, drop_remainder=True)
         .map(gather_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -40,7 +40,9 @@ done markers and results.json count steps within their stage.
 
 A run killed at any moment and started again with the same arguments resumes from the
 last checkpoint of the unfinished stage: weights, optimizer state, step (and with it
-the lr schedule), epoch. A non-finite loss stops the run (NonFiniteLossError) before
+the lr schedule), epoch, the dropout masks' random state; the data stream restarts at that
+step in the same order (`input_pipeline`'s start_step), so the resumed stage trains the
+batches of an uninterrupted run and ends with its weights. A non-finite loss stops the run (NonFiniteLossError) before
 anything is saved, so the last checkpoint stays the last good state.
 """
 import dataclasses
@@ -66,6 +68,8 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 WORD_EMBEDDING_INITS = ("word2vec", "random")
 RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 RETRIEVAL_EXAMPLE_TOP_K = 5
+METRIC_NAMES = ("loss", "rank_loss", "image_loss", "text_loss", "image_accuracy", "text_accuracy")
+"""The values of one training step (`Trainer.make_train_step`), global-batch means."""
 PROJECTOR_TENSOR = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
 """The projector's tensor: validation image embeddings, then their captions' (metadata.tsv order)."""
 PROJECTOR_METADATA = "metadata.tsv"
@@ -150,6 +154,9 @@ class TrainConfig:
     """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
     keep_checkpoints: int = 3
     log_every_steps: int = 50
+    steps_per_loop: int = 50
+    """Training steps per tf.function call (as Orbit's steps_per_loop): the loss means stay on
+    the device in between; a call also ends at every log, checkpoint and epoch boundary."""
     validation_split: str = "val"
     validate_every_epochs: int = 1
     eval_flip_images: bool = True
@@ -207,6 +214,8 @@ class TrainConfig:
                              f"{self.results_checkpoint!r}")
         if self.log_every_steps < 1 or self.checkpoint_every_steps < 0:
             raise ValueError("log_every_steps must be >= 1 and checkpoint_every_steps >= 0")
+        if self.steps_per_loop < 1:
+            raise ValueError(f"steps_per_loop must be >= 1, got {self.steps_per_loop}")
 
 
 def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
@@ -230,6 +239,23 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     `extended.should_checkpoint`, False only on the non-chief workers of a multi-worker
     cluster (the chief is task "chief", else worker 0)."""
     return bool(strategy.extended.should_checkpoint)
+
+
+def _random_states(model: keras.Model) -> list:
+    """The model's variables that are not weights: its random seed generators' states (the
+    dropout masks' stream), which Keras keeps out of the weights and so out of a checkpoint of
+    the model. The training checkpoint saves them, so that a resumed stage draws the masks an
+    uninterrupted one would."""
+    weights = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _read_and_reset(means: dict) -> dict:
+    """{name: float} of keras.metrics.Mean objects, which are reset."""
+    values = {name: float(mean.result()) for name, mean in means.items()}
+    for mean in means.values():
+        mean.reset_state()
+    return values
 
 
 def _checkpoint_number(path: str) -> int:
@@ -369,7 +395,8 @@ class Trainer:
                 multipliers[variable.path] = stage.backbone_lr_multiplier
         return multipliers
 
-    def make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable):
+    def make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable,
+                        compiled: bool = True):
         """The training step of `stage`, as `run_stage` trains it.
 
         Freeze or unfreeze the backbone (`model.backbone.trainable = stage.train_backbone`)
@@ -379,7 +406,8 @@ class Trainer:
         of "image" float32 [B, S, S, 3].
 
         Returns:
-          a tf.function: an iterator of (distributed) batches {"image" or "image_features",
+          a tf.function (the plain Python function with compiled=False, for `make_train_loop`):
+          an iterator of (distributed) batches {"image" or "image_features",
           "token_ids" int32 [B, L], "label" int32 [B]} -> {"loss", "rank_loss", "image_loss",
           "text_loss", "image_accuracy", "text_accuracy"}: float32 scalars, global-batch means
           of one step. Each call sets the optimizer's lr to `schedule(step)`, updates the
@@ -425,7 +453,6 @@ class Trainer:
                     "text_loss": text_loss, "image_accuracy": accuracy(outputs["image_logits"]),
                     "text_accuracy": accuracy(outputs["text_logits"])}
 
-        @tf.function
         def train_step(iterator):
             # Set in cross-replica context, before the step: the schedule of the global step.
             optimizer.learning_rate.assign(schedule(step))
@@ -434,7 +461,42 @@ class Trainer:
             return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                     for name, value in per_replica.items()}
 
-        return train_step
+        return tf.function(train_step) if compiled else train_step
+
+    def make_train_loop(self, stage: StageConfig, optimizer, schedule, step: tf.Variable):
+        """Several training steps per tf.function call, with the step's values averaged on
+        the device: what `run_stage` trains with (`make_train_step` is one step of it).
+
+        Returns:
+          (train_loop, log_means, interval_means). train_loop(iterator, num_steps: int32
+          scalar) runs up to num_steps steps of `make_train_step` and returns (finite: bool
+          scalar, values: the last step's {name: float32 scalar}); it stops after the first
+          step with a non-finite value, which it leaves out of the means. log_means and
+          interval_means are {METRIC_NAMES: keras.metrics.Mean}, both updated every step; the
+          caller reads and resets them (log interval, validation interval).
+        """
+        one_step = self.make_train_step(stage, optimizer, schedule, step, compiled=False)
+        # Outside the strategy's scope: plain variables updated with the replica-reduced
+        # values in cross-replica context, identical on every worker.
+        log_means = {name: keras.metrics.Mean(name=f"log_{name}") for name in METRIC_NAMES}
+        interval_means = {name: keras.metrics.Mean(name=f"interval_{name}") for name in METRIC_NAMES}
+
+        @tf.function
+        def train_loop(iterator, num_steps):
+            finite = tf.constant(True)
+            values = {name: tf.constant(0.0) for name in METRIC_NAMES}
+            for _ in tf.range(num_steps):
+                values = one_step(iterator)
+                finite = tf.reduce_all(tf.stack([tf.math.is_finite(values[name])
+                                                 for name in METRIC_NAMES]))
+                if not finite:
+                    break
+                for name in METRIC_NAMES:
+                    log_means[name].update_state(values[name])
+                    interval_means[name].update_state(values[name])
+            return finite, values
+
+        return train_loop, log_means, interval_means
 
     def _feature_cache(self, stage: StageConfig) -> feature_cache.FeatureCache:
         """The frozen backbone's cached features of the stage's augmented training views."""
@@ -447,18 +509,19 @@ class Trainer:
 
     def _train_dataset(self, stage: StageConfig, start_step: int):
         config = self.config
-        seed = config.seed + 1_000_003 * stage.stage + start_step
+        # The stage's stream from the step it (re)starts at: a resume continues the same order.
+        seed = config.seed + 1_000_003 * stage.stage
         if stage.feature_views:
             cache = self._feature_cache(stage)
             dataset = input_pipeline.cached_feature_dataset(
                 config.shard_dir, cache.features, cache.flipped, batch_size=config.batch_size,
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
-                position_shift=config.position_shift)
+                position_shift=config.position_shift, start_step=start_step)
         else:
             dataset = input_pipeline.train_dataset(
                 config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
-                position_shift=config.position_shift)
+                position_shift=config.position_shift, start_step=start_step)
         # DATA auto-sharding: every worker runs the same seeded pipeline and keeps its own
         # replicas' slices of each global batch, so the cluster's global batches are a single
         # process's, each example once per epoch. (FILE sharding would let each worker read
@@ -527,7 +590,8 @@ class Trainer:
             stage_number = tf.Variable(stage.stage, dtype=tf.int64, trainable=False, name="stage")
             best_rsum = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_rsum")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch,
-                                         stage=stage_number, best_rsum=best_rsum)
+                                         stage=stage_number, best_rsum=best_rsum,
+                                         random_states=_random_states(model))
         manager = tf.train.CheckpointManager(
             checkpoint, self._write_dir(directory), max_to_keep=config.keep_checkpoints,
             step_counter=step, checkpoint_name="ckpt")
@@ -640,45 +704,44 @@ class Trainer:
 
     def _train_loop(self, stage, schedule, step, epoch, best_rsum, optimizer, manager,
                     best_manager, writers) -> None:
+        """Trains the stage to its end in calls of `make_train_loop`'s loop, each ending at
+        the next log, checkpoint or epoch boundary at the latest. The host reads the step and
+        the loop's finiteness once per call, and the means only at log and validation
+        intervals."""
         config = self.config
         total_steps = stage.epochs * self.steps_per_epoch
-        train_step = self.make_train_step(stage, optimizer, schedule, step)
+        train_loop, log_means, interval_means = self.make_train_loop(stage, optimizer, schedule, step)
         iterator = self._train_dataset(stage, int(step.numpy()))
-        sums, interval_steps, interval_start = {}, 0, time.monotonic()
-        health_sums, health_steps = {}, 0
-        while int(step.numpy()) < total_steps:
-            metrics = {name: float(value) for name, value in train_step(iterator).items()}
-            current = int(step.numpy())
-            bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-            if bad:
+        current = int(step.numpy())
+        interval_steps, interval_start = 0, time.monotonic()
+        while current < total_steps:
+            num_steps = min(config.steps_per_loop, self._steps_to_boundary(current, total_steps))
+            finite, values = train_loop(iterator, tf.constant(num_steps, tf.int32))
+            previous, current = current, int(step.numpy())
+            if not bool(finite):
+                bad = [name for name in METRIC_NAMES if not math.isfinite(float(values[name]))]
                 raise NonFiniteLossError(
                     f"stage {stage.stage} step {current}: "
-                    + ", ".join(f"{name} = {metrics[name]}" for name in bad)
+                    + ", ".join(f"{name} = {float(values[name])}" for name in bad)
                     + f" (lr {schedule.value_at(current - 1):g}). Stopped without saving; the last "
                     f"good checkpoint is {manager.latest_checkpoint or 'none (no checkpoint yet)'}")
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-                health_sums[name] = health_sums.get(name, 0.0) + value
-            interval_steps += 1
-            health_steps += 1
+            interval_steps += current - previous
 
             epoch_end = current % self.steps_per_epoch == 0
             if current % config.log_every_steps == 0 or epoch_end or current == total_steps:
                 elapsed = max(time.monotonic() - interval_start, 1e-9)
                 self._log_progress(stage, current, total_steps, schedule.value_at(current - 1),
-                                   {name: value / interval_steps for name, value in sums.items()},
-                                   interval_steps / elapsed, writers["train"])
-                sums, interval_steps = {}, 0
+                                   _read_and_reset(log_means), interval_steps / elapsed,
+                                   writers["train"])
+                interval_steps = 0
             if epoch_end:
                 self._check_finite_weights(current, manager.latest_checkpoint)
                 epoch.assign(current // self.steps_per_epoch)
                 finished = int(epoch.numpy())
                 interval_end = finished % config.validate_every_epochs == 0 or current == total_steps
                 if interval_end:
-                    self._check_instance_health(stage, finished, {
-                        name: value / health_steps for name, value in health_sums.items()},
-                        writers["train"], current)
-                    health_sums, health_steps = {}, 0
+                    self._check_instance_health(stage, finished, _read_and_reset(interval_means),
+                                                writers["train"], current)
                 if self.has_validation and interval_end:
                     rsum = self._validate(stage.stage, current, writers["validation"])
                     if rsum > float(best_rsum.numpy()):
@@ -689,10 +752,18 @@ class Trainer:
                 self._save(manager, current, manager.latest_checkpoint)
             elif config.checkpoint_every_steps and current % config.checkpoint_every_steps == 0:
                 self._save(manager, current, manager.latest_checkpoint)
-            if interval_steps == 0:
+            if interval_steps == 0:  # the speed of the next log leaves out validation and saving
                 interval_start = time.monotonic()
         for writer in writers.values():
             writer.flush()
+
+    def _steps_to_boundary(self, current: int, total_steps: int) -> int:
+        """Steps from `current` to the next log, checkpoint, epoch or stage end."""
+        config = self.config
+        periods = [config.log_every_steps, self.steps_per_epoch]
+        if config.checkpoint_every_steps:
+            periods.append(config.checkpoint_every_steps)
+        return min([total_steps - current] + [period - current % period for period in periods])
 
     def _check_instance_health(self, stage: StageConfig, finished_epoch: int, means: dict,
                                writer, current: int) -> None:

@@ -102,6 +102,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (0: epochs only).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per stage (besides the best).")
     flags.DEFINE_integer("log_every_steps", 50, "One progress line and summaries every N steps.")
+    flags.DEFINE_integer("steps_per_loop", 50,
+                         "Training steps per tf.function call, the losses averaged on the device "
+                         "(a call also ends at every log, checkpoint and epoch boundary).")
     flags.DEFINE_string("validation_split", "val", "Split validated every epoch (best checkpoint).")
     flags.DEFINE_integer("validate_every_epochs", 1, "Validate every N epochs (and at the end).")
     flags.DEFINE_bool("eval_flip_images", True,
@@ -170,6 +173,7 @@ def train_config() -> training.TrainConfig:
         weight_decay=FLAGS.weight_decay, lr_boundary_unit=FLAGS.lr_boundary_unit,
         mixed_precision=FLAGS.mixed_precision, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         keep_checkpoints=FLAGS.keep_checkpoints, log_every_steps=FLAGS.log_every_steps,
+        steps_per_loop=FLAGS.steps_per_loop,
         validation_split=FLAGS.validation_split, validate_every_epochs=FLAGS.validate_every_epochs,
         eval_flip_images=FLAGS.eval_flip_images, eval_shift_texts=FLAGS.eval_shift_texts,
         eval_folds=FLAGS.eval_folds, evaluate_test=FLAGS.evaluate_test,

@@ -64,8 +64,12 @@ def check_report(path: Path, benchmark: str, figures: set, ratios: dict) -> dict
 TRAIN_STEP_FIGURES = {
     "dual_path_stage2_examples_per_s", "image_only_examples_per_s", "dual_path_stage1_images_examples_per_s",
     "dual_path_stage1_features_examples_per_s", "input_pipeline_examples_per_s",
-    "pipeline_fed_stage2_examples_per_s"}
+    "pipeline_fed_stage2_examples_per_s", "trainer_loop_stage1_features_examples_per_s",
+    "trainer_loop_stage2_examples_per_s"}
 TRAIN_STEP_RATIOS = {
+    "trainer_loop_over_step_stage1_features": ("trainer_loop_stage1_features_examples_per_s",
+                                               "dual_path_stage1_features_examples_per_s"),
+    "trainer_loop_over_step_stage2": ("trainer_loop_stage2_examples_per_s", "dual_path_stage2_examples_per_s"),
     "dual_path_stage2_over_image_only": ("dual_path_stage2_examples_per_s", "image_only_examples_per_s"),
     "dual_path_stage1_images_over_stage2": ("dual_path_stage1_images_examples_per_s",
                                             "dual_path_stage2_examples_per_s"),
@@ -89,6 +93,7 @@ def test_train_step_times_the_trainers_steps_and_the_pipeline_fed_by_the_shards(
         assert settings[name] == dataset.manifest[name], name
     assert f"{dataset.manifest['num_classes']} classes, vocabulary {dataset.manifest['vocab_size']}" in stdout
     assert "(16-d features)" in stdout and "stage I loss weights 0:1:1" in stdout
+    assert "(f) trainer's loop (50 steps a call)" in stdout
     assert settings["batch_size"] == 4 and settings["weights"] is None
     assert settings["text_widths"] == [16, 32] and settings["head_dims"] == [16, 16]
     assert f"report written to {output}" in stdout

@@ -111,6 +111,18 @@ def test_cached_pairs_swap_left_and_right_exactly_when_the_view_was_mirrored(sha
     assert sided[False] and sided[True]
 
 
+def test_cached_stream_started_at_a_step_continues_the_uninterrupted_order(shard_dir, cache):
+    def stream(start_step, count):
+        return list(input_pipeline.cached_feature_dataset(
+            shard_dir, cache.features, cache.flipped, batch_size=BATCH, max_length=32, seed=3,
+            start_step=start_step).take(count).as_numpy_iterator())
+
+    start_step = NUM_TRAIN // BATCH + 1  # inside the second epoch
+    for expected, got in zip(stream(0, start_step + 4)[start_step:], stream(start_step, 4)):
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
 def test_the_model_on_features_equals_the_model_on_images(model, shard_dir):
     batch = next(iter(input_pipeline.train_dataset(shard_dir, batch_size=BATCH, image_size=IMAGE_SIZE,
                                                    max_length=32, seed=0)))

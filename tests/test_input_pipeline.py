@@ -212,6 +212,20 @@ def test_same_seed_same_batches_other_seed_differs(written):
     assert any(not np.array_equal(a["token_ids"], c["token_ids"]) for a, c in zip(first, other))
 
 
+@pytest.mark.parametrize("start_step", [3, 5, 12])  # inside epoch 0, at epoch 1's start, inside 2
+def test_a_stream_started_at_a_step_continues_the_uninterrupted_order(written, start_step):
+    """A resume at step s trains exactly the batches s, s+1, ... of an uninterrupted run."""
+    steps_per_epoch = NUM_IMAGES // 5
+    uninterrupted = list(train(written, batch_size=5).take(start_step + 6).as_numpy_iterator())
+    resumed = list(train(written, batch_size=5, start_step=start_step).take(6).as_numpy_iterator())
+    for expected, got in zip(uninterrupted[start_step:], resumed):
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    # Epochs are whole: each epoch's batches hold distinct images, every one of them.
+    first_epoch = np.concatenate([batch["image_index"] for batch in uninterrupted[:steps_per_epoch]])
+    assert sorted(first_epoch) == list(range(NUM_IMAGES))
+
+
 def test_random_crop_moves_the_image_content(written):
     whole = examples(train(written, flip="off", crop_area=(1.0, 1.0), image_size=32), 2)
     cropped = examples(train(written, flip="off", image_size=32), 2)
@@ -295,8 +309,14 @@ def test_bad_inputs_named(written, tmp_path):
         input_pipeline.train_dataset(str(shard_dir), batch_size=4, image_size=8, max_length=8, seed=0)
 
 
+def test_a_batch_larger_than_the_split_is_refused_naming_the_folder(written):
+    with pytest.raises(ValueError, match=rf"{written.shard_dir} \(train\): 20 images, fewer than "
+                                         r"one batch of 32"):
+        train(written, batch_size=32)
+
+
 def test_throughput_has_no_python_per_element(written):
-    dataset = train(written, batch_size=32, image_size=64)
+    dataset = train(written, batch_size=NUM_IMAGES, image_size=64)
     graph = dataset._as_serialized_graph().numpy()
     assert b"PyFunc" not in graph
     iterator = iter(dataset)
@@ -304,5 +324,5 @@ def test_throughput_has_no_python_per_element(written):
     start = time.perf_counter()
     for _ in range(20):
         next(iterator)
-    images_per_second = 20 * 32 / (time.perf_counter() - start)
+    images_per_second = 20 * NUM_IMAGES / (time.perf_counter() - start)
     assert images_per_second > 200, images_per_second

@@ -3,7 +3,8 @@
 Covers: stage I freezes the backbone (weights and BN statistics) and stage II trains it;
 a non-finite loss stops the run with the last good checkpoint kept; mixed precision;
 MirroredStrategy on two logical CPUs (its own process); resume after SIGKILL of
-experiments/train.py mid-stage, with finished stages not trained again.
+experiments/train.py mid-stage, with finished stages not trained again and the final weights
+of an uninterrupted run; steps_per_loop.
 """
 import dataclasses
 import json
@@ -118,6 +119,62 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(shard_dir, tmp
             assert np.isfinite(value).all(), name
 
 
+def _logged(model_dir: Path, tag: str) -> dict:
+    """{step: value} of a stage I train summary."""
+    values = {}
+    for path in sorted((model_dir / "logs" / "stage1" / "train").iterdir()):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_steps_per_loop_trains_the_same_steps_in_fewer_host_calls(shard_dir, tmp_path, monkeypatch):
+    calls = []
+    make_train_loop = training.Trainer.make_train_loop
+
+    def counting(self, *args):
+        train_loop, log_means, interval_means = make_train_loop(self, *args)
+
+        def counted(iterator, num_steps):
+            calls.append(int(num_steps))
+            return train_loop(iterator, num_steps)
+        return counted, log_means, interval_means
+
+    monkeypatch.setattr(training.Trainer, "make_train_loop", counting)
+    runs = {}
+    for steps_per_loop in (1, 5):
+        calls.clear()
+        model_dir = tmp_path / f"loop{steps_per_loop}"
+        keras.utils.set_random_seed(0)
+        trainer = training.Trainer(tiny_config(shard_dir, model_dir, [stage(1, epochs=2)],
+                                               steps_per_loop=steps_per_loop, log_every_steps=5))
+        trainer.run_stage(trainer.config.stages[0])
+        runs[steps_per_loop] = (list(calls), snapshot(trainer.model.training_model.weights),
+                                _logged(model_dir, "loss/loss"), _logged(model_dir, "accuracy/text_accuracy"))
+    assert runs[1][0] == [1] * 10 and runs[5][0] == [5, 5]
+    assert runs[1][2].keys() == runs[5][2].keys() == {5, 10}
+    for index in (2, 3):
+        for step_number in (5, 10):
+            np.testing.assert_allclose(runs[5][index][step_number], runs[1][index][step_number], rtol=1e-5)
+    for path, value in runs[1][1].items():
+        np.testing.assert_allclose(runs[5][1][path], value, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_a_non_finite_loss_inside_a_loop_stops_at_its_step(shard_dir, tmp_path):
+    absurd = stage(1, lr_values=(0.01, 1e38), lr_boundaries=(2,))
+    config = tiny_config(shard_dir, tmp_path / "run", [absurd], lr_boundary_unit="steps",
+                         steps_per_loop=5, log_every_steps=5)
+    # lr 1e38 from step 3 on: step 3's update overflows, step 4's loss is NaN; the loop of 5
+    # stops there, not at its end.
+    with pytest.raises(training.NonFiniteLossError,
+                       match=r"^stage 1 step 4: loss = nan, .*\(lr 1e\+38\)\. Stopped without saving; "
+                             r"the last good checkpoint is none \(no checkpoint yet\)$"):
+        training.train(config)
+    assert not (tmp_path / "run" / "stage1" / run_layout.DONE_MARKER).exists()
+
+
 def test_mixed_precision_trains_both_stages_with_finite_results(shard_dir, tmp_path):
     config = tiny_config(shard_dir, tmp_path / "run", [stage(1), stage(2, weights="1:1:1")],
                          mixed_precision=True)
@@ -205,6 +262,19 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path)
     results = json.loads((model_dir / run_layout.RESULTS_NAME).read_text())
     assert results["stage"] == 2 and "val" in results["metrics"]
     assert "rsum" in second.stdout  # the results table
+
+    # The resume went on with the batches the uninterrupted run trains: the same weights.
+    uninterrupted_dir = tmp_path / "uninterrupted"
+    uninterrupted = subprocess.run(
+        [part.replace(str(model_dir), str(uninterrupted_dir)) for part in command], cwd=REPO,
+        capture_output=True, text=True, env=environment, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    expected = str(uninterrupted_dir / "stage2" / "ckpt-10")
+    for name, _ in tf.train.list_variables(expected):
+        if name.startswith("model/"):
+            np.testing.assert_allclose(tf.train.load_variable(final, name),
+                                       tf.train.load_variable(expected, name), rtol=1e-5,
+                                       atol=1e-6, err_msg=name)
 
 
 def test_restored_model_reproduces_the_final_results(shard_dir, tmp_path):

@@ -26,7 +26,12 @@ machine's CPU or GPU:
     the step on {"image_features": float32 [B, F], the frozen backbone's features of the
     batch's images (F = the backbone's output size), "token_ids", "label"}, as the trainer
     feeds it from `dual_path.feature_cache` (the cache's one-off cost is not included);
-    (e)/(c) is the speed-up of the feature cache.
+    (e)/(c) is the speed-up of the feature cache;
+(f) the trainer's loop: `Trainer.make_train_loop`, what `Trainer.run_stage` trains with, in
+    calls of TrainConfig.steps_per_loop steps (fewer when --steps is smaller), the step's
+    values averaged on the device, the host reading the loop's finiteness and the step after
+    each call as run_stage does; on the batches of (e) and of (a). (f)/(e) and (f)/(a) are the
+    loop's cost next to the bare step, which is read back after its last step only.
 
 Every figure is examples (image-caption pairs) per second.
 
@@ -45,7 +50,7 @@ the timing.
         --text_widths=256,512,1024,2048 --head_dims=2048,2048
     python -m experiments.benchmarks.train_step --backbone=ResNet50 --alpha=none --weights=none
 
-With the defaults it runs four dual-path steps and the baseline 13 times each and draws 33
+With the defaults it runs four dual-path steps, two loops and the baseline 13 times each and draws 33
 pipeline batches: minutes on 2 CPU cores.
 """
 import argparse
@@ -243,6 +248,27 @@ def time_trainer_step(step: Callable[[Iterator], dict], batches: Iterator, warmu
     return time_steps(lambda _: step(batches)["loss"], warmup, steps)
 
 
+def time_trainer_loop(trainer: training.Trainer, stage: training.StageConfig, batches: Iterator,
+                      warmup: int, steps: int) -> float:
+    """Seconds of `steps` steps of the trainer's loop (`Trainer.make_train_loop` of `stage`, with
+    a fresh step counter, schedule and optimizer) on `batches`, after `warmup` untimed steps."""
+    schedule, step, optimizer = trainer.prepare_stage(stage)
+    train_loop, _, _ = trainer.make_train_loop(stage, optimizer, schedule, step)
+
+    def run(count: int) -> None:
+        while count > 0:
+            num_steps = min(trainer.config.steps_per_loop, count)
+            finite, _ = train_loop(batches, tf.constant(num_steps, tf.int32))
+            if not bool(finite) or int(step.numpy()) < 0:
+                raise RuntimeError("a benchmark step's loss is not finite")
+            count -= num_steps
+
+    run(warmup)
+    start = time.perf_counter()
+    run(steps)
+    return time.perf_counter() - start
+
+
 def time_pipeline(batches, warmup: int, count: int) -> float:
     """Seconds to draw `count` batches from an iterator after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -336,6 +362,11 @@ def main() -> None:
     figures["dual_path_stage1_features_examples_per_s"] = examples / time_trainer_step(
         stage1_features_step, repeated(trainer, features_batch), warmup, steps)
 
+    figures["trainer_loop_stage1_features_examples_per_s"] = examples / time_trainer_loop(
+        trainer, stage1_features, repeated(trainer, features_batch), warmup, steps)
+    figures["trainer_loop_stage2_examples_per_s"] = examples / time_trainer_loop(
+        trainer, stage2, repeated(trainer, images_batch), warmup, steps)
+
     stage2_rate = figures["dual_path_stage2_examples_per_s"]
     stage1_images_rate = figures["dual_path_stage1_images_examples_per_s"]
     ratios = {
@@ -345,6 +376,10 @@ def main() -> None:
             figures["dual_path_stage1_features_examples_per_s"] / stage1_images_rate,
         "input_pipeline_over_dual_path_stage2": figures["input_pipeline_examples_per_s"] / stage2_rate,
         "pipeline_fed_over_in_memory_stage2": figures["pipeline_fed_stage2_examples_per_s"] / stage2_rate,
+        "trainer_loop_over_step_stage1_features":
+            figures["trainer_loop_stage1_features_examples_per_s"]
+            / figures["dual_path_stage1_features_examples_per_s"],
+        "trainer_loop_over_step_stage2": figures["trainer_loop_stage2_examples_per_s"] / stage2_rate,
     }
 
     print(f"\n{report.describe(report.machine())}")
@@ -369,6 +404,11 @@ def main() -> None:
     print(_row("(e) trainer's stage I step on cached backbone features",
                figures["dual_path_stage1_features_examples_per_s"],
                f"(e)/(c) {ratios['dual_path_stage1_features_over_images']:.2f}"))
+    print(_row(f"(f) trainer's loop ({trainer.config.steps_per_loop} steps a call) on (e)'s batches",
+               figures["trainer_loop_stage1_features_examples_per_s"],
+               f"(f)/(e) {ratios['trainer_loop_over_step_stage1_features']:.2f}"))
+    print(_row("    trainer's loop on (a)'s batches", figures["trainer_loop_stage2_examples_per_s"],
+               f"(f)/(a) {ratios['trainer_loop_over_step_stage2']:.2f}"))
     if ratios["input_pipeline_over_dual_path_stage2"] <= 1.0:
         print("WARNING: the input pipeline is slower than the train step: it is the bottleneck")
 
@@ -377,7 +417,7 @@ def main() -> None:
                     "max_length": config.max_length, "dual_path_trainable_parameters": dual_path_parameters,
                     "learning_rate": LEARNING_RATE, "margin": MARGIN, "hardest_negative": HARDEST_NEGATIVE,
                     "stage2_backbone_lr_multiplier": STAGE2_BACKBONE_LR_MULTIPLIER,
-                    "feature_views": FEATURE_VIEWS}
+                    "feature_views": FEATURE_VIEWS, "steps_per_loop": trainer.config.steps_per_loop}
         report.write_report(args.output_json, "train_step", figures, ratios, settings)
 
 
