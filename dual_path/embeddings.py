@@ -65,11 +65,9 @@ def _run_in_index_order(strategy: tf.distribute.Strategy, dataset: tf.data.Datas
                         index_key: str, count: int) -> np.ndarray:
     """Runs `step` (a batch -> (gathered embeddings, gathered indices)) over a dataset
     distributed on the strategy; returns float32 [count, D], row i = index i."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     rows = None
     seen = np.zeros(count, bool)
-    for batch in strategy.experimental_distribute_dataset(dataset.with_options(options)):
+    for batch in strategy.experimental_distribute_dataset(input_pipeline.sharded_by_data(dataset)):
         embedding, index = (tensor.numpy() for tensor in step(batch))
         if rows is None:
             rows = np.zeros((count, embedding.shape[1]), np.float32)

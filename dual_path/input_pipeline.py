@@ -311,6 +311,17 @@ def _element_seeds(seed: int, position: tf.Tensor, num: int) -> list[tf.Tensor]:
         tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)]), num=num))
 
 
+def sharded_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with tf.data's DATA auto-shard policy, for `experimental_distribute_dataset`:
+    every worker runs the same pipeline and keeps its own replicas' slices of each global
+    batch, so a cluster sees the batches of one process, each element once. (FILE sharding
+    would let each worker read only its shard files, but then the global batches would depend
+    on the number of workers.)"""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def _check_one_batch(shard_dir: str, split: str, num_images: int, batch_size: int) -> None:
     if num_images < batch_size:
         raise ValueError(f"{shard_dir} ({split}): {num_images} images, fewer than one batch of "

@@ -42,8 +42,9 @@ A run killed at any moment and started again with the same arguments resumes fro
 last checkpoint of the unfinished stage: weights, optimizer state, step (and with it
 the lr schedule), epoch, the dropout masks' random state; the data stream restarts at that
 step in the same order (`input_pipeline`'s start_step), so the resumed stage trains the
-batches of an uninterrupted run and ends with its weights. A non-finite loss stops the run (NonFiniteLossError) before
-anything is saved, so the last checkpoint stays the last good state.
+batches of an uninterrupted run and ends with its weights. A non-finite loss stops the run
+(NonFiniteLossError) before anything is saved, so the last checkpoint stays the last good
+state.
 """
 import dataclasses
 import math
@@ -522,13 +523,8 @@ class Trainer:
                 config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
                 position_shift=config.position_shift, start_step=start_step)
-        # DATA auto-sharding: every worker runs the same seeded pipeline and keeps its own
-        # replicas' slices of each global batch, so the cluster's global batches are a single
-        # process's, each example once per epoch. (FILE sharding would let each worker read
-        # only its shard files, but then the global batches depend on the number of workers.)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        return iter(self.strategy.experimental_distribute_dataset(dataset.with_options(options)))
+        return iter(self.strategy.experimental_distribute_dataset(
+            input_pipeline.sharded_by_data(dataset)))
 
     def _training_backbone_features(self, stage: StageConfig) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [N, F] backbone features, int32 [N] labels) of the N training images.
@@ -661,8 +657,13 @@ class Trainer:
     def _on_tpu(self) -> bool:
         return isinstance(self.strategy, tf.distribute.TPUStrategy)
 
+    @property
+    def _stage1_dir(self) -> str:
+        """The run whose stage I stage II starts from: stage1_from, else this one."""
+        return self.config.stage1_from or self.config.model_dir
+
     def _load_stage1_final(self) -> None:
-        stage1_dir = self.config.stage1_from or self.config.model_dir
+        stage1_dir = self._stage1_dir
         done = run_layout.read_done_marker(stage1_dir, 1)
         if done is None:
             raise FileNotFoundError(
@@ -680,11 +681,10 @@ class Trainer:
         step (its done marker, in stage1_from or model_dir) for stage II."""
         if stage == 1:
             return 0
-        stage1_dir = self.config.stage1_from or self.config.model_dir
-        done = run_layout.read_done_marker(stage1_dir, 1)
+        done = run_layout.read_done_marker(self._stage1_dir, 1)
         if done is None:
             logging.warning("no stage I done marker in %s: stage II's TensorBoard steps start at 0",
-                            stage1_dir)
+                            self._stage1_dir)
             return 0
         return int(done["step"])
 

@@ -182,10 +182,8 @@ def inputs(trained_run) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def loaded_outputs(exported, inputs, tmp_path_factory) -> tuple[dict, dict]:
-    """(outputs, report) of LOAD_SCRIPT run on both exports in a process without this project."""
-    root = tmp_path_factory.mktemp("load")
+def _run_without_the_project(script: str, exported: dict, inputs: dict, root: Path) -> tuple[dict, dict]:
+    """(outputs, report) of `script` run on both exports, in a clean process under root."""
     jpeg = inputs["image_bytes"][0]
     request = {
         "exports": {name: result.export_dir for name, result in exported.items()},
@@ -196,7 +194,7 @@ def loaded_outputs(exported, inputs, tmp_path_factory) -> tuple[dict, dict]:
     (root / "request.json").write_text(json.dumps(request))
     np.savez(root / "arrays.npz", images=inputs["images"], token_ids=inputs["token_ids"])
     process = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(root / "request.json"), str(root / "arrays.npz"),
+        [sys.executable, "-c", script, str(root / "request.json"), str(root / "arrays.npz"),
          str(root / "outputs.npz")], cwd=root, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(process.stdout.split("REPORT", 1)[1])
@@ -205,22 +203,15 @@ def loaded_outputs(exported, inputs, tmp_path_factory) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def session_outputs(exported, inputs, loaded_outputs, tmp_path_factory) -> tuple[dict, dict]:
-    """(outputs, report) of SESSION_SCRIPT on both exports, in a process without this project."""
-    root = tmp_path_factory.mktemp("session")
-    request = {
-        "exports": {name: result.export_dir for name, result in exported.items()},
-        "image_bytes": [base64.b64encode(item).decode() for item in inputs["image_bytes"]],
-        "sentences": inputs["sentences"],
-    }
-    (root / "request.json").write_text(json.dumps(request))
-    np.savez(root / "arrays.npz", images=inputs["images"], token_ids=inputs["token_ids"])
-    process = subprocess.run(
-        [sys.executable, "-c", SESSION_SCRIPT, str(root / "request.json"), str(root / "arrays.npz"),
-         str(root / "outputs.npz")], cwd=root, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr[-3000:]
-    with np.load(root / "outputs.npz") as outputs:
-        return dict(outputs), json.loads(process.stdout.split("REPORT", 1)[1])
+def loaded_outputs(exported, inputs, tmp_path_factory) -> tuple[dict, dict]:
+    """(outputs, report) of LOAD_SCRIPT (TF2's loader) on both exports."""
+    return _run_without_the_project(LOAD_SCRIPT, exported, inputs, tmp_path_factory.mktemp("load"))
+
+
+@pytest.fixture(scope="module")
+def session_outputs(exported, inputs, tmp_path_factory) -> tuple[dict, dict]:
+    """(outputs, report) of SESSION_SCRIPT (TF1's session loader) on both exports."""
+    return _run_without_the_project(SESSION_SCRIPT, exported, inputs, tmp_path_factory.mktemp("session"))
 
 
 def _expected(trained_run, inputs, checkpoint, flip_images, shift_texts) -> dict:
