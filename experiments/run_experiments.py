@@ -141,8 +141,8 @@ def _ablation_rows(dataset: str) -> dict[str, Row]:
 ROWS: dict[str, dict[str, Row]] = {
     "flickr8k": {
         "main": Row("flickr8k", "main",
-                    "Both stages: Stage I on the frozen backbone's cached features, then Stage II "
-                    "end to end, each on instance + ranking losses",
+                    "Both stages: Stage I on the frozen backbone's cached features with the "
+                    "instance losses alone, then Stage II end to end with the ranking loss added",
                     (_config("flickr8k"),), (), True),
         "main_stage2_hardest": Row(
             "flickr8k", "main_stage2_hardest",
