@@ -24,7 +24,10 @@ writes <results_dir>/<dataset>-<row>.json:
 Workspace layout: shards in <workspace>/<dataset>/shards/<dataset> (the synthetic raw data in
 <workspace>/synthetic/raw/synthetic, as `dual-path-demo --workspace=workspace/synthetic`
 writes them), runs in <workspace>/experiments/<dataset>/<row>, cached backbone features in
-<workspace>/<dataset>/feature_cache. A row with a record is skipped unless --rerun; a model_dir
+<workspace>/<dataset>/feature_cache; the Flickr8k ablation rows (held_out) train on
+<workspace>/flickr8k/shards/flickr8k_held_out, built from the split lists it writes in
+<workspace>/flickr8k/held_out_lists (train less its last 500 images; those 500 as val, the dev
+split as test). A row with a record is skipped unless --rerun; a model_dir
 left by a different command (or any, with --rerun) is removed so the row trains from scratch;
 one with checkpoints of the same command is resumed by the trainer.
 """
@@ -75,6 +78,9 @@ class Row(NamedTuple):
     caches_features: bool
     stage1_from_row: str | None = None
     """Stage II only, from the finished stage I of this row of the same dataset (--stage1_from)."""
+    held_out: bool = False
+    """Trains on the train list less its held-out tail, validates on that tail and reports the
+    dev split, built as "test" (shards in held_out_shard_dir; Flickr8k only)."""
 
 
 def _config(dataset: str) -> str:
@@ -126,13 +132,19 @@ _TEXT_DEPTH_ABLATIONS = {
 }
 # Stage I of the Flickr8k runs trains on the frozen MobileNet's cached features, shared by all rows.
 _CACHES_FEATURES = {"flickr8k": True, "synthetic": False}
+# The shared Flickr8k has no test split (its dev split is the test set), so its ablation rows
+# read their validation curves, which show whether a row has stopped improving, off the last
+# FLICKR8K_HELD_OUT_IMAGES images of the train list: they train on the rest and are reported on
+# dev. The synthetic shards have a val split of their own, held out of train.
+_HELD_OUT = {"flickr8k": True, "synthetic": False}
+FLICKR8K_HELD_OUT_IMAGES = 500
 
 
 def _ablation_rows(dataset: str) -> dict[str, Row]:
     changes = {**_COMMON_ABLATIONS, **_classifier_ablations(dataset), **_TEXT_DEPTH_ABLATIONS[dataset]}
     return {
         name: Row(dataset, name, description, (_config(dataset), ablation_config(dataset)),
-                  row_flags, _CACHES_FEATURES[dataset])
+                  row_flags, _CACHES_FEATURES[dataset], held_out=_HELD_OUT[dataset])
         for name, (description, row_flags) in changes.items()
     }
 
@@ -161,8 +173,8 @@ def define_flags() -> None:
     flags.DEFINE_list("rows", [ALL_ROWS], f"Rows to run, in this order, or '{ALL_ROWS}' (table order).")
     flags.DEFINE_string("workspace", "workspace", "Folder for shards, runs and cached features.")
     flags.DEFINE_string("shard_dir", None,
-                        "The dataset's shards (built there if missing); default: "
-                        "<workspace>/<dataset>/shards/<dataset>.")
+                        "The dataset's shards (built there if missing) for the rows that train on "
+                        "the whole train split; default: <workspace>/<dataset>/shards/<dataset>.")
     flags.DEFINE_string("results_dir", "experiments/results/runs", "Where the record JSONs go.")
     flags.DEFINE_string("extra_flags", "",
                         "Trainer flags appended to every row's command (shell syntax), e.g. "
@@ -183,6 +195,16 @@ def selected_rows(dataset: str, names: Sequence[str]) -> list[Row]:
 
 def default_shard_dir(workspace: str, dataset: str) -> str:
     return os.path.join(workspace, dataset, "shards", dataset)
+
+
+def held_out_shard_dir(workspace: str, dataset: str) -> str:
+    """The shards of the held_out rows: train less its tail, the tail as val, dev as test."""
+    return os.path.join(workspace, dataset, "shards", f"{dataset}_held_out")
+
+
+def row_shard_dir(row: Row, workspace: str, shard_dir: str) -> str:
+    """The shards row trains on: held_out_shard_dir for held_out rows, else shard_dir."""
+    return held_out_shard_dir(workspace, row.dataset) if row.held_out else shard_dir
 
 
 def model_dir(workspace: str, dataset: str, row: str) -> str:
@@ -229,7 +251,24 @@ def _build_synthetic(shard_dir: str, raw_dir: str) -> None:
         source_format="karpathy", source_files=[dataset_json])
 
 
-def _build_flickr8k(shard_dir: str) -> None:
+def write_held_out_split_lists(train_list: Path, lists_dir: str, held_out: int) -> tuple[str, str]:
+    """Splits a Flickr split list (one image file name a line) into its first lines and its
+    last `held_out`, written to <lists_dir>/train.txt and held_out.txt; returns their paths.
+
+    Raises:
+      ValueError: the list has no more than `held_out` images (names the file).
+    """
+    names = [line.strip() for line in train_list.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) <= held_out:
+        raise ValueError(f"{train_list}: {len(names)} images, not enough to hold out {held_out}")
+    os.makedirs(lists_dir, exist_ok=True)
+    paths = (os.path.join(lists_dir, "train.txt"), os.path.join(lists_dir, "held_out.txt"))
+    for path, part in zip(paths, (names[:-held_out], names[-held_out:])):
+        write_atomically(path, ("\n".join(part) + "\n").encode("utf-8"))
+    return paths
+
+
+def _build_flickr8k(shard_dir: str, held_out_lists_dir: str | None) -> None:
     if not FLICKR8K_RAW.is_dir():
         raise FileNotFoundError(
             f"no Flickr8k shards in {shard_dir} and no raw Flickr8k in {FLICKR8K_RAW} to build them "
@@ -238,19 +277,26 @@ def _build_flickr8k(shard_dir: str) -> None:
     text_dir = FLICKR8K_RAW / "Flickr8k_text"
     captions = str(text_dir / "Flickr8k.token.txt")
     image_root = str(FLICKR8K_RAW / "Flicker8k_Dataset")
-    split_files = (f"train={text_dir / 'Flickr_8k.trainImages.txt'},"
-                   f"dev={text_dir / 'Flickr_8k.devImages.txt'}")
+    train_list, dev_list = text_dir / "Flickr_8k.trainImages.txt", text_dir / "Flickr_8k.devImages.txt"
+    if held_out_lists_dir:
+        train_part, held_out_part = write_held_out_split_lists(
+            train_list, held_out_lists_dir, FLICKR8K_HELD_OUT_IMAGES)
+        split_files = f"train={train_part},dev={held_out_part},test={dev_list}"
+    else:
+        split_files = f"train={train_list},dev={dev_list}"
     source = read_source("flickr_tokens", captions=captions, image_root=image_root,
                          split_files=split_files)
     build_shards.build_shards(source, shard_dir, source_format="flickr_tokens",
                               source_files=[captions, image_root, split_files])
 
 
-def ensure_shards(dataset: str, shard_dir: str, workspace: str) -> None:
+def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool = False) -> None:
     """Builds the dataset's shards into shard_dir unless its manifest (written last) is there.
 
     synthetic: generates the raw data in <workspace>/synthetic/raw/synthetic first if needed.
-    flickr8k: reads the raw files in ../shared; FileNotFoundError if they are absent.
+    flickr8k: reads the raw files in ../shared; FileNotFoundError if they are absent. With
+    held_out, the split lists of held_out_shard_dir are written to
+    <workspace>/flickr8k/held_out_lists first.
     """
     if os.path.exists(shard_format.manifest_path(shard_dir)):
         return
@@ -258,7 +304,7 @@ def ensure_shards(dataset: str, shard_dir: str, workspace: str) -> None:
     if dataset == "synthetic":
         _build_synthetic(shard_dir, os.path.join(workspace, dataset, "raw", dataset))
     else:
-        _build_flickr8k(shard_dir)
+        _build_flickr8k(shard_dir, os.path.join(workspace, dataset, "held_out_lists") if held_out else None)
 
 
 def _prepare_run_dir(run_dir: str, command_line: str, fresh: bool) -> bool:
@@ -358,11 +404,12 @@ def main(argv: Sequence[str]) -> None:
     if not to_run:
         return
     try:
-        ensure_shards(FLAGS.dataset, shard_dir, workspace)
         for row in to_run:
-            run_row(row, workspace=workspace, shard_dir=shard_dir, results_dir=FLAGS.results_dir,
+            row_shards = row_shard_dir(row, workspace, shard_dir)
+            ensure_shards(FLAGS.dataset, row_shards, workspace, held_out=row.held_out)
+            run_row(row, workspace=workspace, shard_dir=row_shards, results_dir=FLAGS.results_dir,
                     extra_flags=extra_flags, fresh=FLAGS.rerun)
-    except (RowFailedError, FileNotFoundError) as error:
+    except (RowFailedError, FileNotFoundError, ValueError) as error:
         sys.exit(f"run_experiments: error: {error}")
     print("\nRegenerate the results page: python -m experiments.write_results")
 

@@ -87,6 +87,8 @@ EXPECTED = {
 # The classifier each row trains: (classifier, classifier_init); the config's otherwise.
 EXPECTED_CLASSIFIER = {"instance_only_paper": ("dense", "random"), "both_paper": ("dense", "random"),
                        "instance_only_dense": ("dense", "imprint")}
+# The ablation flagfiles' stage I budgets (epochs), at which every row has stopped improving.
+ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 
 def test_registry_rows_and_their_flagfiles():
@@ -145,12 +147,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["hardest_negative"] is False  # stage I's, from flickr8k.flags
             continue
         weights, share, shift, blocks = EXPECTED[row]
-        # The ablation flagfiles' stage I budgets: Flickr8k's is its main run's stage I.
-        epochs = {"flickr8k": 30, "synthetic": 8}[dataset]
-        assert values["stage"] == "1" and values["stage1_epochs"] == epochs, name
+        assert values["stage"] == "1" and values["stage1_epochs"] == ABLATION_EPOCHS[dataset], name
         assert values["stage1_loss_weights"] == weights, name
         assert values["share_classifier"] is share and values["position_shift"] is shift, name
-        assert values["evaluate_test"] is (dataset == "synthetic"), name
+        # Validated on a split held out of train, reported on the test split (Flickr8k: dev).
+        assert values["evaluate_test"] is True, name
         if blocks:
             assert values["text_blocks"] == blocks, name
         if row == "deep_text":
@@ -164,6 +165,41 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["dropout"] == (0.75 if dataset == "flickr8k" else 0.5), name
         if dataset == "flickr8k":
             assert values["stage1_feature_views"] == 8
+
+
+def test_flickr8k_ablations_train_on_shards_with_the_train_lists_tail_held_out():
+    workspace = "workspace"
+    for row in run_experiments.ROWS["flickr8k"].values():
+        assert row.held_out is not row.name.startswith("main"), row.name
+        shards = run_experiments.row_shard_dir(row, workspace, "full_shards")
+        assert shards == ("full_shards" if not row.held_out
+                          else os.path.join("workspace", "flickr8k", "shards", "flickr8k_held_out"))
+    assert not any(row.held_out for row in run_experiments.ROWS["synthetic"].values())
+
+
+def test_held_out_split_lists_keep_the_order_and_take_the_tail(tmp_path):
+    train_list = tmp_path / "trainImages.txt"
+    names = [f"{index}_photo.jpg" for index in range(10)]
+    train_list.write_text("\n".join(names) + "\n\n")
+    train_part, held_out_part = run_experiments.write_held_out_split_lists(
+        train_list, str(tmp_path / "lists"), 3)
+    assert Path(train_part).read_text().split() == names[:7]
+    assert Path(held_out_part).read_text().split() == names[7:]
+    with pytest.raises(ValueError, match=f"{train_list}: 10 images, not enough to hold out 10"):
+        run_experiments.write_held_out_split_lists(train_list, str(tmp_path / "other"), 10)
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.skipif(not run_experiments.FLICKR8K_RAW.is_dir(), reason="no ../shared Flickr8k")
+def test_flickr8k_held_out_split_is_the_last_500_of_the_standard_train_list(tmp_path):
+    train_list = run_experiments.FLICKR8K_RAW / "Flickr8k_text" / "Flickr_8k.trainImages.txt"
+    dev_list = run_experiments.FLICKR8K_RAW / "Flickr8k_text" / "Flickr_8k.devImages.txt"
+    train_part, held_out_part = run_experiments.write_held_out_split_lists(
+        train_list, str(tmp_path), run_experiments.FLICKR8K_HELD_OUT_IMAGES)
+    train_names, held_out_names = Path(train_part).read_text().split(), Path(held_out_part).read_text().split()
+    assert (len(train_names), len(held_out_names)) == (5500, 500)
+    assert train_names + held_out_names == train_list.read_text().split()
+    assert not set(held_out_names) & set(dev_list.read_text().split())
 
 
 def test_flickr8k_without_shards_or_raw_data_says_how_to_build_them(tmp_path, monkeypatch):
