@@ -220,3 +220,36 @@ def test_ablation_rows_show_the_validation_curve_of_their_last_stage(tmp_path):
     row = next(line for line in page.splitlines() if line.startswith("| both |"))
     assert "| 4: 30.0, 8: 41.3 |" in row and "99.0" not in row
     assert "val rsum by epoch" in page
+
+
+def write_curved_record(runs: Path, row: str, test_rsum_parts: tuple, curve: list[float]) -> None:
+    """A synthetic ablation record whose test rsum is 2 * sum(test_rsum_parts), validated
+    every 4 epochs with the rsums of `curve`."""
+    record = write_record(runs, "synthetic", row, {"val": metrics((1, 2, 3), (1, 2, 3)),
+                                                   "test": metrics(test_rsum_parts, test_rsum_parts)}, 60)
+    record["results"]["validation_curve"] = [
+        {"stage": 1, "step": 10 * index, "epoch": 4.0 * index, "rsum": rsum}
+        for index, rsum in enumerate(curve, start=1)]
+    (runs / f"synthetic-{row}.json").write_text(json.dumps(record))
+
+
+def test_ablation_tables_check_the_papers_claims_and_whether_rows_stopped_improving(tmp_path):
+    runs = tmp_path / "runs"
+    write_curved_record(runs, "ranking_only", (10, 20, 20), [50.0, 100.0, 102.0])  # rsum 100
+    write_curved_record(runs, "instance_only", (9, 18, 18), [40.0, 80.0, 90.0])  # rsum 90
+    write_curved_record(runs, "both", (11, 22, 22), [60.0, 110.0])  # rsum 110
+    page = write_results.render(str(tmp_path))
+    checks = section(page, "### synthetic").split("Claims checked", 1)[1].split("Not run yet", 1)[0]
+    assert ("- instance_only 90.0 vs ranking_only 100.0, 0.90x: the instance loss alone learns "
+            "retrieval at least as well as the ranking loss alone: fails.") in checks
+    assert "- both 110.0 vs ranking_only 100.0, 1.10x: the instance loss adds" in checks
+    assert "(at least 1.1x): holds." in checks
+    assert "instance_only_paper" not in checks  # that row is not run
+    assert ("- ranking_only: stopped improving (val rsum 100.0 at epoch 8, 102.0 at 12: +2.0%)."
+            in checks)
+    assert "- instance_only: still rising (val rsum 80.0 at epoch 8, 90.0 at 12: +12.5%)." in checks
+    assert "- both: still rising (val rsum 60.0 at epoch 4, 110.0 at 8: +83.3%)." in checks
+
+
+def test_no_claims_are_checked_without_both_rows_of_one(results_dir):
+    assert "Claims checked" not in write_results.render(str(results_dir))
