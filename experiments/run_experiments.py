@@ -202,6 +202,11 @@ def held_out_shard_dir(workspace: str, dataset: str) -> str:
     return os.path.join(workspace, dataset, "shards", f"{dataset}_held_out")
 
 
+def held_out_lists_dir(workspace: str, dataset: str) -> str:
+    """The split lists held_out_shard_dir is built from (write_held_out_split_lists)."""
+    return os.path.join(workspace, dataset, "held_out_lists")
+
+
 def row_shard_dir(row: Row, workspace: str, shard_dir: str) -> str:
     """The shards row trains on: held_out_shard_dir for held_out rows, else shard_dir."""
     return held_out_shard_dir(workspace, row.dataset) if row.held_out else shard_dir
@@ -295,8 +300,7 @@ def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool =
 
     synthetic: generates the raw data in <workspace>/synthetic/raw/synthetic first if needed.
     flickr8k: reads the raw files in ../shared; FileNotFoundError if they are absent. With
-    held_out, the split lists of held_out_shard_dir are written to
-    <workspace>/flickr8k/held_out_lists first.
+    held_out, the split lists of held_out_shard_dir are written to held_out_lists_dir first.
     """
     if os.path.exists(shard_format.manifest_path(shard_dir)):
         return
@@ -304,7 +308,7 @@ def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool =
     if dataset == "synthetic":
         _build_synthetic(shard_dir, os.path.join(workspace, dataset, "raw", dataset))
     else:
-        _build_flickr8k(shard_dir, os.path.join(workspace, dataset, "held_out_lists") if held_out else None)
+        _build_flickr8k(shard_dir, held_out_lists_dir(workspace, dataset) if held_out else None)
 
 
 def _prepare_run_dir(run_dir: str, command_line: str, fresh: bool) -> bool:

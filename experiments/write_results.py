@@ -54,7 +54,7 @@ RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 NOT_RUN = "not run yet"
 
 # What each ablation table is run to check: (row, baseline row, least rsum ratio, claim). The
-# first two are the paper's, with issue 9's targets; the third compares this implementation's
+# first two are the paper's, at the project's targets; the third compares this implementation's
 # instance classifier with the paper's.
 CLAIMS = (
     ("instance_only", "ranking_only", 1.0,
@@ -187,8 +187,12 @@ def _run_details(record: dict) -> list[str]:
 def validation_curve(record: dict) -> str:
     """"4: 51.1, 8: 60.2": the run's validation rsum after each validated epoch of its last
     stage (results.json's validation_curve; records written before it existed have none)."""
-    return ", ".join(f"{number(round(point['epoch'], 2))}: {recall(point['rsum'])}"
-                     for point in last_stage_curve(record))
+    return ", ".join(f"{_epoch(point)}: {recall(point['rsum'])}" for point in last_stage_curve(record))
+
+
+def _epoch(point: dict) -> str:
+    """A validation curve point's epoch, to two decimals at most."""
+    return number(round(point["epoch"], 2))
 
 
 def last_stage_curve(record: dict) -> list[dict]:
@@ -205,8 +209,8 @@ def convergence(record: dict) -> str:
     previous, last = points[-2]["rsum"], points[-1]["rsum"]
     change = (last - previous) / previous if previous else float("inf")
     state = ("stopped improving" if change < STOPPED_IMPROVING_FRACTION else "still rising")
-    return (f"{state} (val rsum {recall(previous)} at epoch {number(round(points[-2]['epoch'], 2))}, "
-            f"{recall(last)} at {number(round(points[-1]['epoch'], 2))}: {change:+.1%})")
+    return (f"{state} (val rsum {recall(previous)} at epoch {_epoch(points[-2])}, "
+            f"{recall(last)} at {_epoch(points[-1])}: {change:+.1%})")
 
 
 def claims_checked(rows: dict[str, dict], split: str) -> list[str]:
