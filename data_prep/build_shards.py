@@ -11,7 +11,8 @@ Writes into --shard_dir, in this order:
    processes) and every caption is encoded, so that --strict stops on the first
    skippable problem (naming the file and the reason) before anything is written;
 2. vocab.txt (train captions only, --min_word_count) and word2vec_init.npy
-   (float32 [vocab_size, --embedding_dim], from --word2vec);
+   (float32 [vocab_size, dim], from --word2vec: word2vec trained on the train captions at
+   --embedding_dim, or a word vectors file, whose dim it takes; see data_prep/word2vec.py);
 3. the image and caption shards (`dual_path.shard_format`); complete, unchanged
    shards of an earlier run are kept;
 4. manifest.json, last: source, counts per split, what was skipped and why, what was
@@ -76,17 +77,20 @@ def instance_labels(records: Sequence[ImageRecord], split: str) -> tuple[list[in
     return [dense_id[record.label] for record in records], len(person_ids)
 
 
-def _load_word_vectors(word2vec_source: str, embedding_dim: int):
-    """Pretrained vectors from a file, checked against embedding_dim; None for "train"."""
+def _load_word_vectors(word2vec_source: str, embedding_dim: int | None, file_format: str):
+    """Pretrained vectors from a file, checked against embedding_dim (None: any) and their
+    format (one of word2vec.FORMATS, AUTO resolved); (None, None) for "train"."""
     if word2vec_source == WORD2VEC_TRAIN:
-        return None
-    vectors = word2vec.load_word2vec(word2vec_source)
-    if vectors.vector_size != embedding_dim:
+        return None, None
+    if file_format == word2vec.AUTO:
+        file_format = word2vec.detect_format(word2vec_source)
+    vectors = word2vec.load_word_vectors(word2vec_source, file_format)
+    if embedding_dim is not None and vectors.vector_size != embedding_dim:
         raise DataFormatError(
             f"{word2vec_source}: vectors have dim {vectors.vector_size}, "
-            f"--embedding_dim is {embedding_dim}"
+            f"--embedding_dim is {embedding_dim} (leave it unset to take the file's)"
         )
-    return vectors
+    return vectors, file_format
 
 
 def _save_npy(path: str, matrix: np.ndarray) -> None:
@@ -166,11 +170,18 @@ def _image_entries(split, kept_checks, labels, shard_dir) -> list[shard_writer.I
 
 
 def _coverage(coverage: word2vec.Coverage) -> dict:
+    """The manifest's coverage: through case variants (what the init matrix copies), and
+    of the words as the vocabulary holds them."""
     return {
         "found_words": coverage.found_words,
         "total_words": coverage.total_words,
         "word_fraction": coverage.word_fraction,
         "token_fraction": coverage.token_fraction,
+        "as_is": {
+            "found_words": coverage.found_words_as_is,
+            "word_fraction": coverage.found_words_as_is / max(coverage.total_words, 1),
+            "token_fraction": coverage.found_tokens_as_is / max(coverage.total_tokens, 1),
+        },
     }
 
 
@@ -186,7 +197,8 @@ def build_shards(
     oov: str = "drop",
     max_length: int | None = None,
     word2vec_source: str = WORD2VEC_TRAIN,
-    embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+    embedding_dim: int | None = None,
+    word_vectors_format: str = word2vec.AUTO,
     seed: int = 0,
     strict: bool = False,
     source_format: str = "",
@@ -204,8 +216,10 @@ def build_shards(
       min_word_count: train-caption count a word needs to enter the vocabulary.
       oov: "drop" or "unk", for words outside the vocabulary (`text.Vocabulary.encode`).
       max_length: tokens kept per caption; None: source.max_length.
-      word2vec_source: "train" (train on the train captions) or a word2vec file.
-      embedding_dim: word vector size; must match a word2vec file's.
+      word2vec_source: "train" (train on the train captions) or a word vectors file.
+      embedding_dim: word vector size; None: the file's, or DEFAULT_EMBEDDING_DIM for
+        "train". A value that contradicts the file's raises before anything is written.
+      word_vectors_format: the file's format, one of word2vec.FORMATS (auto: detected).
       seed: seeds word2vec training and the random rows of the init matrix.
       strict: any skippable problem raises DataFormatError before anything is written.
       source_format, source_files: recorded in the manifest.
@@ -224,7 +238,11 @@ def build_shards(
     max_length = max_length or source.max_length
     if strict and source.skipped:
         raise DataFormatError(f"{source.skipped[0].item}: {source.skipped[0].reason}")
-    pretrained_vectors = _load_word_vectors(word2vec_source, embedding_dim)
+    pretrained_vectors, word_vectors_format = _load_word_vectors(
+        word2vec_source, embedding_dim, word_vectors_format)
+    if pretrained_vectors is not None:
+        embedding_dim = pretrained_vectors.vector_size
+    embedding_dim = embedding_dim or DEFAULT_EMBEDDING_DIM
     records = {split: source.split(split) for split in splits}
     if not records["train"]:
         raise DataFormatError(f"{source.name}: no train images; vocabulary and word2vec need them")
@@ -305,7 +323,8 @@ def build_shards(
         "min_word_count": min_word_count,
         "max_length": max_length,
         "oov": oov,
-        "embedding": {"dim": embedding_dim, "word2vec": word2vec_source, "coverage": _coverage(coverage)},
+        "embedding": {"dim": embedding_dim, "word2vec": word2vec_source,
+                      "format": word_vectors_format or WORD2VEC_TRAIN, "coverage": _coverage(coverage)},
         "skipped": {
             "counts": dict(collections.Counter(item["reason"] for item in skipped_items)),
             "items": skipped_items,
@@ -337,6 +356,12 @@ def summary(manifest: dict) -> str:
     converted = {kind: count for kind, count in manifest["converted"].items() if count}
     if converted:
         lines.append("  converted to RGB JPEG: " + ", ".join(f"{n} {kind}" for kind, n in converted.items()))
+    embedding = manifest["embedding"]
+    coverage = embedding["coverage"]
+    lines.append(
+        f"  word vectors: {embedding['dim']}-d from {embedding['word2vec']} ({embedding['format']}); "
+        f"{coverage['token_fraction']:.1%} of caption tokens found ({coverage['as_is']['token_fraction']:.1%} "
+        "as written)")
     lines.append(f"  {len(manifest['shards'])} shard files")
     return "\n".join(lines)
 
@@ -361,8 +386,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("min_word_count", 1, "Train-caption count a word needs to be in the vocabulary.", lower_bound=1)
     flags.DEFINE_enum("oov", "drop", list(text.OOV_MODES), "Words outside the vocabulary: drop or map to <unk>.")
     flags.DEFINE_integer("max_length", None, "Tokens kept per caption; default: the dataset's.", lower_bound=1)
-    flags.DEFINE_string("word2vec", WORD2VEC_TRAIN, "'train' (on the train captions) or a word2vec file (.bin or text).")
-    flags.DEFINE_integer("embedding_dim", DEFAULT_EMBEDDING_DIM, "Word vector size.", lower_bound=1)
+    flags.DEFINE_string("word2vec", WORD2VEC_TRAIN,
+                        "'train' (on the train captions) or a word vectors file: word2vec .bin or "
+                        ".txt, fastText .vec, GloVe .txt (optionally .gz).")
+    flags.DEFINE_enum("word_vectors_format", word2vec.AUTO, list(word2vec.FORMATS),
+                      "Format of the --word2vec file; auto: told from its first lines.")
+    flags.DEFINE_integer("embedding_dim", None,
+                         f"Word vector size; default: the --word2vec file's ({DEFAULT_EMBEDDING_DIM} "
+                         "for 'train'). A value that contradicts the file's is an error.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of word2vec training and the init matrix's random rows.")
     flags.DEFINE_boolean("strict", False, "Stop at the first skippable problem instead of skipping it.")
     flags.mark_flags_as_required(["source_format", "shard_dir"])
@@ -396,6 +427,7 @@ def main(argv: Sequence[str]) -> None:
             max_length=FLAGS.max_length,
             word2vec_source=FLAGS.word2vec,
             embedding_dim=FLAGS.embedding_dim,
+            word_vectors_format=FLAGS.word_vectors_format,
             seed=FLAGS.seed,
             strict=FLAGS.strict,
             source_format=FLAGS.source_format,

@@ -154,7 +154,7 @@ ROWS: dict[str, dict[str, Row]] = {
     "flickr8k": {
         "main": Row("flickr8k", "main",
                     "Both stages: Stage I on the frozen backbone's cached features with the "
-                    "instance losses alone, then Stage II end to end with the ranking loss added",
+                    "instance and ranking losses, then Stage II end to end",
                     (_config("flickr8k"),), (), True),
         "main_stage2_hardest": Row(
             "flickr8k", "main_stage2_hardest",

@@ -35,7 +35,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("image_size", 224, "Side of the square input image, pixels.")
     flags.DEFINE_float("alpha", None, "MobileNet width multiplier.")
     flags.DEFINE_list("small_cnn_widths", ["32", "64", "128", "256"], "small_cnn block widths.")
-    flags.DEFINE_integer("embedding_dim", 300, "Word vector size (must match word2vec_init.npy).")
+    flags.DEFINE_integer("embedding_dim", None,
+                         "Word vector size; default: the shards' (manifest.json's embedding.dim, "
+                         "the width of word2vec_init.npy). A different value is an error.")
     flags.DEFINE_float("embedding_lr_multiplier", 1e-3, "lr multiplier of the word embedding.")
     flags.DEFINE_list("text_blocks", ["3", "4", "6", "1"], "Bottleneck blocks per text CNN stage.")
     flags.DEFINE_list("text_widths", ["256", "512", "1024", "2048"], "Text CNN stage widths.")
@@ -129,13 +131,23 @@ def _floats(values) -> list[float]:
 
 
 def model_config(manifest: dict) -> DualPathConfig:
-    """The architecture from the flags; vocabulary size, classes and L from the manifest."""
+    """The architecture from the flags; vocabulary size, classes, L and the word vector size
+    from the manifest.
+
+    Raises:
+      app.UsageError: --embedding_dim contradicts the shards' word vectors.
+    """
     weights = None if FLAGS.weights.lower() == "none" else FLAGS.weights
+    embedding_dim = int(manifest["embedding"]["dim"])
+    if FLAGS.embedding_dim is not None and FLAGS.embedding_dim != embedding_dim:
+        raise app.UsageError(
+            f"--embedding_dim={FLAGS.embedding_dim}, but the shards in {FLAGS.shard_dir} hold "
+            f"{embedding_dim}-d word vectors (manifest.json): leave it unset to take theirs")
     return DualPathConfig(
         vocab_size=int(manifest["vocab_size"]), num_classes=int(manifest["num_classes"]),
         max_length=int(manifest["max_length"]), backbone=FLAGS.backbone, weights=weights,
         image_size=FLAGS.image_size, alpha=FLAGS.alpha,
-        small_cnn_widths=_ints(FLAGS.small_cnn_widths), embedding_dim=FLAGS.embedding_dim,
+        small_cnn_widths=_ints(FLAGS.small_cnn_widths), embedding_dim=embedding_dim,
         embedding_lr_multiplier=FLAGS.embedding_lr_multiplier,
         text_blocks=_ints(FLAGS.text_blocks), text_widths=_ints(FLAGS.text_widths),
         head_dims=_ints(FLAGS.head_dims), dropout=FLAGS.dropout,

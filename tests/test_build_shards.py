@@ -233,6 +233,66 @@ def test_pretrained_word2vec_file(source, tmp_path):
         _build(source, tmp_path / "shards2", word2vec_source=str(vectors), embedding_dim=4)
 
 
+def test_glove_file_sets_the_dim_and_the_manifest_reports_both_coverages(source, tmp_path):
+    glove = tmp_path / "glove.6d.txt"  # GloVe's own format: lower-case words, no header line
+    glove.write_text("".join(f"{word} " + " ".join([str(0.1 * index)] * 6) + "\n"
+                             for index, word in enumerate(("dog", "cat", "the", "sky"), start=1)))
+    shard_dir = tmp_path / "shards"
+    manifest = _build(source, shard_dir, word2vec_source=str(glove), embedding_dim=None)
+    embedding = manifest["embedding"]
+    assert (embedding["dim"], embedding["format"], embedding["word2vec"]) == (6, "glove", str(glove))
+    assert np.load(text.word2vec_init_path(str(shard_dir))).shape == (manifest["vocab_size"], 6)
+    vocabulary = text.Vocabulary.load(text.vocabulary_path(str(shard_dir)))
+    found = [word for word in vocabulary.words if word in ("dog", "cat", "the")]
+    assert embedding["coverage"]["found_words"] == len(found) == embedding["coverage"]["as_is"]["found_words"]
+    assert 0 < embedding["coverage"]["as_is"]["token_fraction"] == embedding["coverage"]["token_fraction"] < 1
+
+
+def test_an_embedding_dim_that_contradicts_the_file_stops_before_any_shard(source, tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("dog 0.1 0.2 0.3\ncat 0.4 0.5 0.6\n")
+    shard_dir = tmp_path / "shards"
+    result = _cli("--source_format=jsonl", f"--captions={_jsonl_captions(tmp_path)}",
+                  f"--shard_dir={shard_dir}", f"--word2vec={glove}", "--embedding_dim=300")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dual-path-build-shards: error: {glove}: vectors have dim 3, --embedding_dim is 300 "
+        "(leave it unset to take the file's)")
+    assert not shard_dir.exists()
+
+
+def _jsonl_captions(tmp_path) -> Path:
+    root = tmp_path / "jsonl_images"
+    root.mkdir()
+    _jpeg(root / "a.jpg", 1)
+    captions = root / "captions.jsonl"
+    captions.write_text('{"image": "a.jpg", "caption": "a dog", "split": "train"}\n')
+    return captions
+
+
+def test_shared_glove_vectors_initialise_flickr8k_words(tmp_path):
+    glove = REPO_ROOT.parent / "shared" / "vectors" / "glove.6B.50d.top100k.txt"
+    if not FLICKR8K.is_dir() or not glove.is_file():
+        pytest.skip("../shared's Flickr8k or GloVe vectors are absent")
+    text_dir = FLICKR8K / "Flickr8k_text"
+    train_list = tmp_path / "train.txt"
+    train_list.write_text("\n".join((text_dir / "Flickr_8k.trainImages.txt").read_text().splitlines()[:20]) + "\n")
+    shard_dir = tmp_path / "shards"
+    result = _cli("--source_format=flickr_tokens", f"--captions={text_dir / 'Flickr8k.token.txt'}",
+                  f"--image_root={FLICKR8K / 'Flicker8k_Dataset'}", f"--split_files=train={train_list}",
+                  f"--shard_dir={shard_dir}", f"--word2vec={glove}", "--num_workers=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "word vectors: 50-d from" in result.stdout
+    manifest = json.loads((shard_dir / shard_format.MANIFEST_NAME).read_text())
+    assert (manifest["embedding"]["dim"], manifest["embedding"]["format"]) == (50, "glove")
+    assert manifest["embedding"]["coverage"]["token_fraction"] > 0.95
+    vocabulary = text.Vocabulary.load(text.vocabulary_path(str(shard_dir)))
+    init = np.load(text.word2vec_init_path(str(shard_dir)))
+    dog_line = next(line for line in glove.read_text(encoding="utf-8").splitlines() if line.startswith("dog "))
+    np.testing.assert_allclose(init[vocabulary.word_to_id("dog")], [float(v) for v in dog_line.split()[1:]],
+                               rtol=1e-6)
+
+
 def _cli(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "data_prep.build_shards", *flags],

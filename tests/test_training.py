@@ -359,3 +359,20 @@ def test_stage2_from_another_runs_stage1_with_its_own_ranking_loss(shard_dir, tm
     assert results["stage"] == 2 and np.isfinite(results["metrics"]["val"]["rsum"])
     with pytest.raises(ValueError, match="stage1_from"):
         tiny_config(shard_dir, second, [stage(1), stage2], stage1_from=first)
+
+
+def test_an_embedding_dim_other_than_the_shards_is_refused_before_training(shard_dir, tmp_path):
+    flags = [flag for flag in TINY_FLAGS if not flag.startswith("--embedding_dim")]
+    base = [sys.executable, "-m", "experiments.train", f"--shard_dir={shard_dir}", "--stage=1",
+            "--stage1_epochs=1", *flags]
+    refused = subprocess.run([*base, f"--model_dir={tmp_path / 'refused'}", "--embedding_dim=300"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert (f"--embedding_dim=300, but the shards in {shard_dir} hold 16-d word vectors"
+            in refused.stderr), refused.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
+    # Unset, it is the shards' width.
+    taken = subprocess.run([*base, f"--model_dir={tmp_path / 'taken'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    assert json.loads((tmp_path / "taken" / "model_config.json").read_text())["embedding_dim"] == 16

@@ -1,4 +1,4 @@
-"""data_prep.word2vec: training on captions, reading word2vec files, the init matrix."""
+"""data_prep.word2vec: training on captions, reading word vector files (word2vec, fastText, GloVe), the init matrix."""
 import gzip
 import hashlib
 import itertools
@@ -118,7 +118,7 @@ def test_saved_vectors_load_back_in_either_format(tmp_path, name, binary):
     saved = _tiny_vectors()
     path = str(tmp_path / name)
     saved.save_word2vec_format(path, binary=binary)
-    loaded = word2vec.load_word2vec(path)
+    loaded = word2vec.load_word_vectors(path)
     assert loaded.index_to_key == saved.index_to_key
     np.testing.assert_allclose(loaded.vectors, saved.vectors, atol=1e-6)
 
@@ -126,7 +126,7 @@ def test_saved_vectors_load_back_in_either_format(tmp_path, name, binary):
 def test_text_format_with_trailing_spaces_and_crlf_loads(tmp_path):
     path = tmp_path / "c_tool.txt"
     path.write_bytes(b"2 3\r\nab 1 2 3 \r\ncd -4 5.5 6e-1 \r\n")
-    loaded = word2vec.load_word2vec(str(path))
+    loaded = word2vec.load_word_vectors(str(path))
     assert loaded.index_to_key == ["ab", "cd"]
     np.testing.assert_allclose(loaded.vectors, [[1, 2, 3], [-4, 5.5, 0.6]], rtol=1e-6)
 
@@ -134,7 +134,7 @@ def test_text_format_with_trailing_spaces_and_crlf_loads(tmp_path):
 def test_trained_vectors_round_trip_through_a_binary_file(tmp_path, trained):
     path = str(tmp_path / "captions.bin")
     trained.save_word2vec_format(path, binary=True)
-    loaded = word2vec.load_word2vec(path)
+    loaded = word2vec.load_word_vectors(path)
     assert loaded.index_to_key == trained.index_to_key
     np.testing.assert_array_equal(loaded.vectors, trained.vectors)
 
@@ -143,7 +143,7 @@ def test_trained_vectors_round_trip_through_a_binary_file(tmp_path, trained):
 def test_limit_reads_only_the_first_words(tmp_path, binary):
     path = str(tmp_path / "vectors")
     _tiny_vectors().save_word2vec_format(path, binary=binary)
-    assert word2vec.load_word2vec(path, limit=2).index_to_key == ["red", "Dog"]
+    assert word2vec.load_word_vectors(path, limit=2).index_to_key == ["red", "Dog"]
 
 
 def _write_tiny(tmp_path, name: str, binary: bool) -> bytes:
@@ -157,11 +157,11 @@ def _malformed_files(tmp_path) -> dict[str, tuple[bytes, str]]:
     binary = _write_tiny(tmp_path, "good.bin", binary=True)
     nasa_line = next(line for line in text.split(b"\n") if line.startswith(b"NASA "))
     return {
-        "empty.bin": (b"", "first line must be 'vocab_size dim'"),
-        "no_header.txt": (text.split(b"\n", 1)[1], "first line must be 'vocab_size dim'"),
+        "empty.bin": (b"", "not a word vectors file: the first line is neither a word2vec header"),
+        "garbage.txt": (b"<html>\n<body>\n", "not a word vectors file: the first line is neither"),
         "zero_dim.txt": (b"3 0\n", "header says 3 words of dim 0"),
-        "truncated.bin": (binary[:-7], "malformed binary word2vec file: unexpected end"),
-        "fewer_words.txt": (b"9" + text[1:], "malformed text word2vec file: unexpected end"),
+        "truncated.bin": (binary[:-7], "malformed word2vec_binary file: unexpected end"),
+        "fewer_words.txt": (b"9" + text[1:], "malformed word2vec_text file: unexpected end"),
         "short_line.txt": (text.replace(nasa_line, b"NASA 0.5"), ":4: expected a word and 4 values, got 1"),
         "not_a_number.txt": (text.replace(nasa_line, b"NASA 1 2 x 4"), "could not convert string to float"),
         "nan.txt": (text.replace(nasa_line, b"NASA 1 2 nan 4"), "the vector of 'NASA' is not finite"),
@@ -174,7 +174,7 @@ def test_malformed_files_raise_naming_the_file_and_reason(tmp_path):
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(DataFormatError) as raised:
-            word2vec.load_word2vec(str(path))
+            word2vec.load_word_vectors(str(path))
         assert str(path) in str(raised.value), name
         assert reason in str(raised.value), name
 
@@ -186,7 +186,7 @@ def test_infinite_value_in_a_binary_file_is_refused(tmp_path):
     path = tmp_path / "inf.bin"
     path.write_bytes(infinite)
     with pytest.raises(DataFormatError, match="the vector of 'NASA' is not finite"):
-        word2vec.load_word2vec(str(path))
+        word2vec.load_word_vectors(str(path))
 
 
 def test_gzipped_truncated_file_is_refused(tmp_path):
@@ -194,13 +194,97 @@ def test_gzipped_truncated_file_is_refused(tmp_path):
     path = tmp_path / "cut.txt.gz"
     path.write_bytes(gzip.compress(text[: len(text) // 2]))
     with pytest.raises(DataFormatError, match="cut.txt.gz"):
-        word2vec.load_word2vec(str(path))
+        word2vec.load_word_vectors(str(path))
 
 
 def test_missing_file_is_refused(tmp_path):
     missing = str(tmp_path / "GoogleNews-vectors-negative300.bin")
-    with pytest.raises(DataFormatError, match="GoogleNews-vectors-negative300.bin: no such"):
-        word2vec.load_word2vec(missing)
+    for file_format in word2vec.FORMATS:
+        with pytest.raises(DataFormatError, match="GoogleNews-vectors-negative300.bin: no such"):
+            word2vec.load_word_vectors(missing, file_format)
+
+
+# --- GloVe's format and the format flag ----------------------------------------------
+
+
+def _glove_text(vectors: KeyedVectors) -> bytes:
+    """GloVe's own text format: `word v1 ... vD` lines, no header (as in glove.6B.50d.txt)."""
+    return b"".join(
+        (word + " " + " ".join(f"{value:.5f}" for value in vectors[word]) + "\n").encode("utf-8")
+        for word in vectors.index_to_key)
+
+
+def _lower_case_vectors() -> KeyedVectors:
+    """GloVe-like: lower-case keys only."""
+    vectors = KeyedVectors(4)
+    keys = ["red", "dog", "nasa", "the"]
+    vectors.add_vectors(keys, np.arange(16, dtype=np.float32).reshape(4, 4) / 4.0 - 2.0)
+    return vectors
+
+
+@pytest.mark.parametrize("name, compress", [("glove.6B.4d.txt", False), ("glove.4d.txt.gz", True)])
+def test_glove_text_without_a_header_loads_with_its_dim(tmp_path, name, compress):
+    expected = _lower_case_vectors()
+    content = _glove_text(expected)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if compress else content)
+    assert word2vec.detect_format(str(path)) == word2vec.GLOVE
+    for file_format in (word2vec.AUTO, word2vec.GLOVE):
+        loaded = word2vec.load_word_vectors(str(path), file_format)
+        assert loaded.index_to_key == expected.index_to_key and loaded.vector_size == 4
+        np.testing.assert_allclose(loaded.vectors, expected.vectors, atol=1e-5)
+    assert word2vec.load_word_vectors(str(path), limit=2).index_to_key == ["red", "dog"]
+
+
+@pytest.mark.parametrize("name, binary, expected_format", [
+    ("GoogleNews-like.bin", True, word2vec.WORD2VEC_BINARY),
+    ("word2vec.txt", False, word2vec.WORD2VEC_TEXT),
+    ("wiki.en.vec", False, word2vec.WORD2VEC_TEXT),  # fastText's .vec: a header, then text lines
+])
+def test_each_format_is_detected_from_the_content_and_loads_when_named(tmp_path, name, binary, expected_format):
+    path = str(tmp_path / name)
+    _tiny_vectors().save_word2vec_format(path, binary=binary)
+    assert word2vec.detect_format(path) == expected_format
+    loaded = word2vec.load_word_vectors(path, expected_format)
+    assert loaded.index_to_key == _tiny_vectors().index_to_key
+
+
+def test_a_format_flag_that_contradicts_the_file_names_the_file_and_reason(tmp_path):
+    text_path, binary_path, glove_path = (tmp_path / "v.txt", tmp_path / "v.bin", tmp_path / "glove.txt")
+    _tiny_vectors().save_word2vec_format(str(text_path), binary=False)
+    _tiny_vectors().save_word2vec_format(str(binary_path), binary=True)
+    glove_path.write_bytes(_glove_text(_lower_case_vectors()))
+    cases = [
+        (glove_path, word2vec.WORD2VEC_TEXT, "not a word2vec file: the first line must be 'vocab_size dim'"),
+        (glove_path, word2vec.WORD2VEC_BINARY, "not a word2vec file: the first line must be 'vocab_size dim'"),
+        (text_path, word2vec.WORD2VEC_BINARY, "not a binary word2vec file: its vectors are written as text"),
+        (binary_path, word2vec.GLOVE, "not a GloVe file: the first line must be 'word v1 ... vD'"),
+    ]
+    for path, file_format, reason in cases:
+        with pytest.raises(DataFormatError) as raised:
+            word2vec.load_word_vectors(str(path), file_format)
+        assert str(path) in str(raised.value) and reason in str(raised.value), (path, file_format)
+    with pytest.raises(ValueError, match="format must be one of"):
+        word2vec.load_word_vectors(str(text_path), "fasttext_bin")
+
+
+def test_a_glove_line_with_a_missing_value_is_refused(tmp_path):
+    lines = _glove_text(_lower_case_vectors()).split(b"\n")
+    lines[2] = b"nasa 0.1 0.2 0.3"
+    path = tmp_path / "glove.txt"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataFormatError, match=r"glove.txt:3: expected a word and 4 values, got 3"):
+        word2vec.load_word_vectors(str(path))
+
+
+def test_shared_glove_file_loads_as_50d_lower_case_vectors():
+    glove = SHARED / "vectors" / "glove.6B.50d.top100k.txt"
+    if not glove.is_file():
+        pytest.skip(f"{glove} is not here")
+    assert word2vec.detect_format(str(glove)) == word2vec.GLOVE
+    vectors = word2vec.load_word_vectors(str(glove), limit=1000)
+    assert vectors.vector_size == 50 and len(vectors) == 1000
+    assert vectors.index_to_key[0] == "the" and all(word == word.lower() for word in vectors.index_to_key)
 
 
 # --- the init matrix ----------------------------------------------------------------
@@ -214,7 +298,7 @@ def _caption_vocabulary() -> Vocabulary:
 def test_init_matrix_copies_found_words_through_case_variants(tmp_path):
     path = str(tmp_path / "GoogleNews-like.bin")
     _tiny_vectors().save_word2vec_format(path, binary=True)
-    vectors = word2vec.load_word2vec(path)
+    vectors = word2vec.load_word_vectors(path)
     vocabulary = _caption_vocabulary()
 
     matrix, coverage = word2vec.init_matrix(vocabulary, vectors, seed=0)
@@ -231,7 +315,18 @@ def test_init_matrix_copies_found_words_through_case_variants(tmp_path):
     assert (coverage.found_tokens, coverage.total_tokens) == (96, 100)
     assert coverage.word_fraction == pytest.approx(4 / 6)
     assert coverage.token_fraction == pytest.approx(0.96)
+    assert (coverage.found_words_as_is, coverage.found_tokens_as_is) == (1, 50)  # 'red' alone
     assert str(coverage) == "4/6 words (66.7%), 96/100 caption tokens (96.0%)"
+
+
+def test_words_are_looked_up_as_they_are_then_lower_cased():
+    vocabulary = Vocabulary(["red", "Dog", "NASA", "zebra"], [5, 4, 3, 2])  # a cased vocabulary
+    vectors = _lower_case_vectors()
+    matrix, coverage = word2vec.init_matrix(vocabulary, vectors)
+    for word, key in [("red", "red"), ("Dog", "dog"), ("NASA", "nasa")]:
+        np.testing.assert_array_equal(matrix[vocabulary.word_to_id(word)], vectors[key])
+    assert (coverage.found_words, coverage.found_words_as_is) == (3, 1)
+    assert (coverage.found_tokens, coverage.found_tokens_as_is) == (12, 5)
 
 
 def test_random_rows_are_seeded_and_do_not_depend_on_other_words():
