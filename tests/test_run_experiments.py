@@ -138,7 +138,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         assert "unknown" not in outcome, (name, outcome)
         values = outcome["values"]
         if row == "main":
-            assert values["stage"] == "both" and values["stage1_loss_weights"] == "0:1:1"
+            assert values["stage"] == "both" and values["stage1_loss_weights"] == "1:1:1"
             assert values["backbone"] == "MobileNet"
             continue
         if row == "main_stage2_hardest":
