@@ -14,6 +14,7 @@ from dual_path.text_path import WORD_EMBEDDING, build_text_path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+MOBILENET_V2_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
 
 BATCH = 4
 IMAGE_SIZE = 32
@@ -247,6 +248,31 @@ def test_mobilenet_loads_the_shared_imagenet_weights_and_preprocesses_inside():
     scaled = pixels / 127.5 - 1.0
     network = backbone.layers[-1]
     np.testing.assert_allclose(backbone(pixels), network(scaled), rtol=1e-4, atol=1e-5)
+
+
+def _h5_arrays(path) -> list[np.ndarray]:
+    arrays = []
+    with h5py.File(path, "r") as weights_file:
+        weights_file.visititems(lambda name, item: arrays.append(np.asarray(item))
+                                if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def _fingerprints(arrays) -> list[tuple]:
+    return sorted((array.shape, np.asarray(array, np.float32).tobytes()) for array in arrays)
+
+
+def test_mobilenet_v2_loads_every_array_of_a_keras3_weights_file():
+    if not MOBILENET_V2_WEIGHTS.is_file():
+        pytest.skip(f"{MOBILENET_V2_WEIGHTS} is absent")
+    backbone = build_image_backbone("MobileNetV2", weights=str(MOBILENET_V2_WEIGHTS), input_size=96)
+    assert backbone.count_params() == 2_257_984 and tuple(backbone.output.shape) == (None, 1280)
+    file_arrays = _h5_arrays(MOBILENET_V2_WEIGHTS)
+    assert len(file_arrays) == len(backbone.weights) == 260
+    # The backbone's weights are the file's arrays, each once (and not ImageNet's or random).
+    assert _fingerprints(v.numpy() for v in backbone.weights) == _fingerprints(file_arrays)
+    random_init = build_image_backbone("MobileNetV2", weights=None, input_size=96)
+    assert _fingerprints(v.numpy() for v in random_init.weights) != _fingerprints(file_arrays)
 
 
 def test_resnet50_builds_with_random_weights():
