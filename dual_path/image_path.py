@@ -9,8 +9,13 @@ synthetic dataset, where training has to take minutes on a CPU.
 
 The head that follows the backbone (fc -> BN -> ReLU -> fc -> BN -> ReLU -> Dropout) is the
 same for both paths and is built in `dual_path.model`.
+
+`train_top_of_backbone` makes only the top of a backbone trainable (the last N blocks, or from a
+named layer on), as big_vision's freeze patterns do with parameter names: the layers below stay
+frozen, BatchNormalization statistics included.
 """
 import os
+import re
 from typing import Sequence
 
 import keras
@@ -122,3 +127,85 @@ def build_image_backbone(
     if name == SMALL_CNN and weights is not None:
         backbone.load_weights(weights)
     return backbone
+
+
+# A keras.applications layer name -> the block it belongs to. ResNet: conv4_block6_2_conv;
+# MobileNetV2: block_16_project (its block 0 is "expanded_conv_*"); EfficientNet: block6a_se;
+# MobileNet v1: conv_dw_13 / conv_pw_13 / conv_pad_12; small_cnn: small_cnn_conv3 / _bn3 / _relu3.
+_BLOCK_PATTERNS = (
+    re.compile(r"^(conv\d_block\d+)_"),
+    re.compile(r"^(block_\d+)_"),
+    re.compile(r"^(expanded_conv)_"),
+    re.compile(r"^(block\d+[a-z])_"),
+    re.compile(r"^conv_(?:dw|pw|pad)_(\d+)"),
+    re.compile(r"^small_cnn_[a-z]+(\d+)$"),
+)
+
+
+def leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers of model in graph order, nested models (an application) replaced by theirs."""
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layers.extend(leaf_layers(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            layers.append(layer)
+    return layers
+
+
+def block_of(layer_name: str) -> str | None:
+    """The block a backbone layer belongs to ("block_16", "conv5_block3", "13"), None outside blocks."""
+    for pattern in _BLOCK_PATTERNS:
+        match = pattern.match(layer_name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def first_trainable_layer(backbone: keras.Model, *, from_layer: str | None = None,
+                          blocks: int | None = None) -> int:
+    """Where the trained top of backbone starts, as an index into `leaf_layers(backbone)`: the
+    layer `from_layer`, or the first layer of its last `blocks` blocks (`block_of`); 0 (all of
+    it) when neither is given. Changes nothing.
+
+    Raises:
+      ValueError: both given, a layer the backbone does not have, or more blocks than it has
+        (the message lists what it has).
+    """
+    layers = leaf_layers(backbone)
+    if from_layer is not None and blocks is not None:
+        raise ValueError(f"train the top of the backbone from a layer ({from_layer!r}) or its "
+                         f"last blocks ({blocks}), not both")
+    if from_layer is not None:
+        names = [layer.name for layer in layers]
+        if from_layer not in names:
+            raise ValueError(f"the backbone {backbone.name!r} has no layer {from_layer!r}; its "
+                             f"layers: {', '.join(names)}")
+        return names.index(from_layer)
+    if blocks is not None:
+        order = list(dict.fromkeys(filter(None, (block_of(layer.name) for layer in layers))))
+        if not 1 <= blocks <= len(order):
+            raise ValueError(f"the backbone {backbone.name!r} has {len(order)} blocks "
+                             f"({', '.join(order) or 'none that block_of knows'}), asked to "
+                             f"train the last {blocks}")
+        return next(index for index, layer in enumerate(layers) if block_of(layer.name) == order[-blocks])
+    return 0
+
+
+def train_top_of_backbone(backbone: keras.Model, *, from_layer: str | None = None,
+                          blocks: int | None = None) -> list[str]:
+    """Makes only the top of backbone trainable (`first_trainable_layer`) and freezes the layers
+    below: weights and BatchNormalization moving statistics (a frozen Keras BN normalises with
+    its moving statistics and does not update them).
+
+    Returns:
+      the names of the trainable layers, in graph order.
+    """
+    first = first_trainable_layer(backbone, from_layer=from_layer, blocks=blocks)
+    layers = leaf_layers(backbone)
+    backbone.trainable = True
+    # Each layer is set: Keras does not pass a model's trainable on to the layers of a nested
+    # model that were set on their own before.
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= first
+    return [layer.name for layer in layers[first:]]

@@ -58,7 +58,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dual_path import embeddings, evaluation, feature_cache, input_pipeline, instance_classifier
+from dual_path import embeddings, evaluation, feature_cache, image_path, input_pipeline
+from dual_path import instance_classifier
 from dual_path import instance_health, losses, optimization
 from dual_path import shard_format
 from dual_path import run_layout
@@ -122,6 +123,17 @@ class StageConfig:
     train_backbone: bool
     """False freezes the backbone's weights and BatchNorm statistics (stage I)."""
     backbone_lr_multiplier: float = 1.0
+    """lr multiplier of the backbone's trained weights (the original's stage II: 0.02)."""
+    backbone_bn_lr_multiplier: float | None = None
+    """Of its BatchNormalization scales and offsets (the original's: 0.001); None: as the
+    backbone's. The moving statistics of a trained BN follow Keras' momentum, not an lr."""
+    first_conv_lr_multiplier: float | None = None
+    """Of its first convolution's kernel (the original's: 1e-4); None: as the backbone's."""
+    backbone_trainable_from: str | None = None
+    """With train_backbone: train the backbone from this layer on, the rest frozen
+    (image_path.train_top_of_backbone); None (and no backbone_trainable_blocks): all of it."""
+    backbone_trainable_blocks: int | None = None
+    """With train_backbone: train only the backbone's last this many blocks and what follows."""
     hardest_negative: bool | None = None
     """The stage's ranking loss on the hardest negative (True) or the sum (False); None:
     TrainConfig.hardest_negative."""
@@ -197,6 +209,11 @@ class TrainConfig:
             if stage.feature_views < 0 or (stage.feature_views and stage.train_backbone):
                 raise ValueError(f"stage {stage.stage}: cached features (feature_views "
                                  f"{stage.feature_views}) need a frozen backbone and a count >= 0")
+            partial = (stage.backbone_trainable_from, stage.backbone_trainable_blocks)
+            if any(part is not None for part in partial) and not stage.train_backbone:
+                raise ValueError(f"stage {stage.stage}: the top of the backbone to train "
+                                 f"(from {partial[0]!r}, last {partial[1]} blocks) is given, but "
+                                 f"the stage freezes the backbone")
         if self.stage1_from and numbers != [2]:
             raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
                              f"stage I: train stage 2 only, not stages {numbers}")
@@ -336,6 +353,10 @@ class Trainer:
                 logging.warning("%s does not exist: the word embedding starts random", init_path)
         with self.strategy.scope():
             self.model: DualPath = build_dual_path(config.model, embedding_init)
+        for stage in config.stages:  # a wrong layer name fails now, not after stage I
+            image_path.first_trainable_layer(self.model.backbone,
+                                             from_layer=stage.backbone_trainable_from,
+                                             blocks=stage.backbone_trainable_blocks)
         if self.chief:
             run_layout.save_model_config(config.model_dir, config.model)
         self.embedder = embeddings.SplitEmbedder(
@@ -378,6 +399,12 @@ class Trainer:
         (under the strategy's scope): what `make_train_step` takes."""
         config = self.config
         self.model.backbone.trainable = stage.train_backbone
+        if stage.train_backbone:
+            trained = image_path.train_top_of_backbone(
+                self.model.backbone, from_layer=stage.backbone_trainable_from,
+                blocks=stage.backbone_trainable_blocks)
+            logging.info("stage %d trains %d of the backbone's layers, from %s on", stage.stage,
+                         len(trained), trained[0] if trained else "none")
         schedule = optimization.schedule_from_flags(
             stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, self.steps_per_epoch)
         with self.strategy.scope():
@@ -390,10 +417,23 @@ class Trainer:
         return schedule, step, optimizer
 
     def _lr_multipliers(self, stage: StageConfig) -> dict:
+        """variable.path -> lr multiplier: the model's own, and the backbone's trained weights at
+        the stage's multipliers (BN scales and offsets, the first conv's kernel, the rest)."""
         multipliers = self.model.lr_multipliers()
-        if stage.train_backbone:
-            for variable in self.model.backbone.trainable_variables:
-                multipliers[variable.path] = stage.backbone_lr_multiplier
+        if not stage.train_backbone:
+            return multipliers
+        layers = image_path.leaf_layers(self.model.backbone)
+        first_conv = next((layer for layer in layers if isinstance(layer, keras.layers.Conv2D)), None)
+        for layer in layers:
+            multiplier = stage.backbone_lr_multiplier
+            if (isinstance(layer, keras.layers.BatchNormalization)
+                    and stage.backbone_bn_lr_multiplier is not None):
+                multiplier = stage.backbone_bn_lr_multiplier
+            for variable in layer.trainable_weights:
+                multipliers[variable.path] = multiplier
+            if (layer is first_conv and layer.trainable
+                    and stage.first_conv_lr_multiplier is not None):
+                multipliers[layer.kernel.path] = stage.first_conv_lr_multiplier
         return multipliers
 
     def make_train_step(self, stage: StageConfig, optimizer, schedule, step: tf.Variable,

@@ -87,8 +87,23 @@ def define_flags() -> None:
                           f"Where stage {stage}'s next learning rate starts.")
         flags.DEFINE_string(f"stage{stage}_loss_weights", weights,
                             f"Stage {stage} loss weights rank:image:text.")
-    flags.DEFINE_float("stage2_backbone_lr_multiplier", 1e-3,
-                       "lr multiplier of the image backbone in stage II (the original's conv filters: 1e-3).")
+    flags.DEFINE_float("stage2_backbone_lr_multiplier", 0.02,
+                       "lr multiplier of the image backbone's weights in stage II (the original's: 0.02).")
+    flags.DEFINE_float("stage2_backbone_bn_lr_multiplier", None,
+                       "lr multiplier of the backbone's BatchNorm scales and offsets in stage II (the "
+                       "original's: 0.001; their moving statistics follow Keras' BN momentum); "
+                       "default: --stage2_backbone_lr_multiplier.")
+    flags.DEFINE_float("stage2_first_conv_lr_multiplier", None,
+                       "lr multiplier of the backbone's first conv kernel in stage II (the original's: "
+                       "1e-4); default: --stage2_backbone_lr_multiplier.")
+    flags.DEFINE_string("stage2_backbone_trainable_from", None,
+                        "Stage II trains the backbone from this layer on (a keras.applications layer "
+                        "name, e.g. block_13_expand), the layers below frozen with their BN "
+                        "statistics; default: all of it.")
+    flags.DEFINE_integer("stage2_backbone_trainable_blocks", None,
+                         "Stage II trains only the backbone's last N blocks (block_16, conv5_block3, "
+                         "...) and the layers after them, the rest frozen with their BN statistics; "
+                         "default: all of it.", lower_bound=1)
     flags.DEFINE_integer("stage1_feature_views", 0,
                          "Stage I on cached features of the frozen backbone: this many augmented "
                          "views per image, computed once, one drawn per image and epoch (0: off, "
@@ -168,6 +183,11 @@ def stage_configs() -> list[training.StageConfig]:
             loss_weights=training.LossWeights.parse(FLAGS[f"stage{number}_loss_weights"].value),
             train_backbone=number == 2 or FLAGS.stage1_train_backbone,
             backbone_lr_multiplier=FLAGS.stage2_backbone_lr_multiplier if number == 2 else 1.0,
+            **(dict(backbone_bn_lr_multiplier=FLAGS.stage2_backbone_bn_lr_multiplier,
+                    first_conv_lr_multiplier=FLAGS.stage2_first_conv_lr_multiplier,
+                    backbone_trainable_from=FLAGS.stage2_backbone_trainable_from,
+                    backbone_trainable_blocks=FLAGS.stage2_backbone_trainable_blocks)
+               if number == 2 else {}),
             feature_views=FLAGS.stage1_feature_views if number == 1 else 0,
             hardest_negative=FLAGS.stage2_hardest_negative if number == 2 else None,
         )

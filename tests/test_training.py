@@ -102,6 +102,58 @@ def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shar
     assert (logs / "validation" / "projector_config.pbtxt").exists()
 
 
+def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_dir, tmp_path):
+    """Only small_cnn's block 2 trains in stage II: block 1 keeps its weights and its BN moving
+    statistics; the BN scales and the first conv's kernel get their own lr multipliers."""
+    partial = dataclasses.replace(stage(2, weights="1:1:1"), backbone_lr_multiplier=0.02,
+                                  backbone_bn_lr_multiplier=0.001, first_conv_lr_multiplier=1e-4,
+                                  backbone_trainable_blocks=1)
+    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), partial]))
+    trainer.run_stage(trainer.config.stages[0])
+    backbone = trainer.model.backbone
+    before = snapshot(backbone.weights)
+    trainer.run_stage(partial)
+    moved = changed(before, snapshot(backbone.weights))
+    block1 = {path for path in before if "small_cnn_conv1" in path or "small_cnn_bn1" in path}
+    block2 = {path for path in before if "small_cnn_conv2" in path or "small_cnn_bn2" in path}
+    assert len(block1) == len(block2) == 5  # kernel; gamma, beta, moving mean and variance
+    assert moved == block2
+    multipliers = trainer._lr_multipliers(partial)
+    assert {path: multipliers[path] for path in block2 if "moving" not in path} == {
+        "small_cnn_conv2/kernel": 0.02, "small_cnn_bn2/gamma": 0.001, "small_cnn_bn2/beta": 0.001}
+    assert not block1 & set(multipliers)
+
+
+def test_stage2_multipliers_of_the_whole_backbone(shard_dir, tmp_path):
+    """The first conv's kernel at its own multiplier, BN at the backbone's when not given."""
+    whole = dataclasses.replace(stage(2, weights="1:1:1"), backbone_lr_multiplier=0.02,
+                                first_conv_lr_multiplier=1e-4)
+    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [whole]))
+    trainer.model.backbone.trainable = True
+    multipliers = trainer._lr_multipliers(whole)
+    assert multipliers["small_cnn_conv1/kernel"] == 1e-4
+    assert multipliers["small_cnn_conv2/kernel"] == multipliers["small_cnn_bn1/gamma"] == 0.02
+
+
+@pytest.mark.parametrize("top, message", [
+    (dict(backbone_trainable_from="block_13_expand"), "has no layer 'block_13_expand'; its layers: "
+                                                      "small_cnn_rescale, small_cnn_conv1"),
+    (dict(backbone_trainable_blocks=3), r"has 2 blocks \(1, 2\), asked to train the last 3"),
+    (dict(backbone_trainable_blocks=1, backbone_trainable_from="small_cnn_bn2"), "not both"),
+])
+def test_a_top_of_the_backbone_it_lacks_fails_before_training(shard_dir, tmp_path, top, message):
+    wrong = dataclasses.replace(stage(2, weights="1:1:1"), **top)
+    with pytest.raises(ValueError, match=message):
+        training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), wrong]))
+    assert not (tmp_path / "run" / "stage1").exists()
+
+
+def test_a_frozen_stage_with_a_top_to_train_is_refused(shard_dir, tmp_path):
+    frozen = dataclasses.replace(stage(1), backbone_trainable_blocks=1)
+    with pytest.raises(ValueError, match="stage 1: the top of the backbone to train .* freezes"):
+        tiny_config(shard_dir, tmp_path / "run", [frozen])
+
+
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(shard_dir, tmp_path):
     # Two sane steps (checkpointed), then an absurd learning rate.
     absurd = stage(1, lr_values=(0.01, 1e38), lr_boundaries=(2,))
