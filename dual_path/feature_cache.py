@@ -11,8 +11,9 @@ On disk, under the cache folder, one subfolder per cache key:
   <key>/features.npy   float32 [N, V, F]   pooled backbone features of view v of image i
   <key>/flipped.npy    bool [N, V]         whether that view was mirrored
   <key>/cache.json     what the key was computed from
-The key is a digest of everything the features depend on: the split's shard manifest, the
-backbone's architecture and weight values, the view count, image size, seed, flip mode and crop
+The key is a digest of everything the features depend on: the split's image shards (their
+names and sha256 in the manifest, so shards rebuilt with other word vectors or another
+vocabulary share the cache), the backbone's architecture and weight values, the view count, image size, seed, flip mode and crop
 ranges. Runs with the same backbone and data (the ablations) share one cache; a folder is
 written under a temporary name and renamed into place, so a killed run never leaves a partial
 cache in use (its temporary folder is deleted by the next run that computes the same key).
@@ -65,9 +66,13 @@ def cache_key(backbone: keras.Model, shard_dir: str, *, split: str, views: int, 
               seed: int, flip: str, crop_area: tuple[float, float],
               crop_aspect: tuple[float, float]) -> dict:
     """Everything the cached features depend on, as a JSON-able dict with its digest in "key"."""
-    with tf.io.gfile.GFile(shard_format.manifest_path(shard_dir), "rb") as manifest:
-        manifest_digest = hashlib.sha256(manifest.read()).hexdigest()
-    parts = {"manifest_sha256": manifest_digest, "split": split, "backbone_sha256": _backbone_digest(backbone),
+    image_shards = [[shard["file"], shard["sha256"]]
+                    for shard in input_pipeline.load_manifest(shard_dir)["shards"]
+                    if shard["file"].startswith(f"{split}-{shard_format.IMAGES}-")]
+    if not image_shards:
+        raise ValueError(f"{shard_format.manifest_path(shard_dir)}: no image shards of split {split!r}")
+    parts = {"image_shards_sha256": hashlib.sha256(json.dumps(image_shards).encode()).hexdigest(),
+             "split": split, "backbone_sha256": _backbone_digest(backbone),
              "views": views, "image_size": image_size, "seed": seed, "flip": flip,
              "crop_area": list(crop_area), "crop_aspect": list(crop_aspect)}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

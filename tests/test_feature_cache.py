@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_prep import build_shards
+from data_prep.readers import read_source
 from dual_path import feature_cache, input_pipeline, text, training
 from dual_path.model import DualPathConfig, build_dual_path
 
@@ -157,6 +159,32 @@ def test_the_cache_is_reused_and_keyed_by_what_it_depends_on(model, shard_dir, t
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(first.directory)]  # no partial folder
 
 
+def test_shards_of_the_same_images_with_other_word_vectors_share_a_cache_key(model, synthetic_shards,
+                                                                              tmp_path):
+    """The key follows the split's image shards, not the vocabulary or word vectors: shards
+    rebuilt from the same images with another embedding dim share it; other images do not."""
+    same_images = synthetic_shards("data", num_train=NUM_TRAIN, num_val=8, image_size=IMAGE_SIZE,
+                                   seed=1)
+    rebuilt = str(tmp_path / "rebuilt")
+    build_shards.build_shards(read_source("karpathy", captions=same_images.captions), rebuilt,
+                              splits=("train", "val"), num_image_shards=2, num_caption_shards=1,
+                              num_workers=1, embedding_dim=8)
+    other_images = synthetic_shards("other", num_train=NUM_TRAIN, num_val=8, image_size=IMAGE_SIZE,
+                                    seed=2).shard_dir
+
+    def key(shards, split="train"):
+        return feature_cache.cache_key(model.backbone, shards, split=split, views=2,
+                                       image_size=IMAGE_SIZE, seed=5, flip="swap_left_right",
+                                       crop_area=(0.8, 1.0), crop_aspect=(0.75, 4 / 3))["key"]
+
+    assert json.loads(Path(rebuilt, "manifest.json").read_text())["embedding"]["dim"] == 8
+    assert key(rebuilt) == key(same_images.shard_dir)
+    assert key(other_images) != key(same_images.shard_dir)
+    assert key(same_images.shard_dir, "val") != key(same_images.shard_dir)
+    with pytest.raises(ValueError, match="no image shards of split 'test'"):
+        key(same_images.shard_dir, "test")
+
+
 def test_cached_features_need_a_frozen_backbone(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="frozen backbone"):
         training.TrainConfig(
@@ -168,7 +196,8 @@ def test_cached_features_need_a_frozen_backbone(shard_dir, tmp_path):
 
 def test_stage1_on_cached_features_trains_and_hands_over_to_stage2(shard_dir, tmp_path):
     def stage(number, epochs, weights):
-        return training.StageConfig(stage=number, epochs=epochs, lr_values=(0.01,), lr_boundaries=(),
+        return training.StageConfig(stage=number, epochs=epochs, lr_values=(0.1 if number == 1 else 0.01,),
+                                    lr_boundaries=(),
                                     loss_weights=training.LossWeights.parse(weights),
                                     train_backbone=number == 2, feature_views=VIEWS if number == 1 else 0)
 
@@ -188,9 +217,11 @@ def test_stage1_on_cached_features_trains_and_hands_over_to_stage2(shard_dir, tm
     for path in sorted((tmp_path / "run" / "logs" / "stage1" / "train").iterdir()):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
-                if value.tag == "loss/text_loss":
+                if value.tag == "loss/image_loss":
                     logged.append(float(tf.make_ndarray(value.tensor)))
-    assert len(logged) >= 4 and logged[-1] < logged[0]
+    # The first and last two intervals' means: one interval's loss is noisy (a text-loss check
+    # of one interval each at lr 0.01 failed about one run in three).
+    assert len(logged) >= 4 and np.mean(logged[-2:]) < np.mean(logged[:2]) - 0.2
     trainer.run_stage(config.stages[1])
     results = trainer.final_results(2, json.loads((tmp_path / "run" / "stage2" / "done").read_text()))
     assert np.isfinite(results["metrics"]["val"]["rsum"])
