@@ -165,8 +165,8 @@ def block_of(layer_name: str) -> str | None:
 def first_trainable_layer(backbone: keras.Model, *, from_layer: str | None = None,
                           blocks: int | None = None) -> int:
     """Where the trained top of backbone starts, as an index into `leaf_layers(backbone)`: the
-    layer `from_layer`, or the first layer of its last `blocks` blocks (`block_of`); 0 (all of
-    it) when neither is given. Changes nothing.
+    layer `from_layer`, or the first layer of its last `blocks` blocks (`block_of`; 0 blocks:
+    past the last layer, nothing trains); 0 (all of it) when neither is given. Changes nothing.
 
     Raises:
       ValueError: both given, a layer the backbone does not have, or more blocks than it has
@@ -184,6 +184,8 @@ def first_trainable_layer(backbone: keras.Model, *, from_layer: str | None = Non
         return names.index(from_layer)
     if blocks is not None:
         order = list(dict.fromkeys(filter(None, (block_of(layer.name) for layer in layers))))
+        if blocks == 0:
+            return len(layers)
         if not 1 <= blocks <= len(order):
             raise ValueError(f"the backbone {backbone.name!r} has {len(order)} blocks "
                              f"({', '.join(order) or 'none that block_of knows'}), asked to "

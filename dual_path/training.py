@@ -133,7 +133,8 @@ class StageConfig:
     """With train_backbone: train the backbone from this layer on, the rest frozen
     (image_path.train_top_of_backbone); None (and no backbone_trainable_blocks): all of it."""
     backbone_trainable_blocks: int | None = None
-    """With train_backbone: train only the backbone's last this many blocks and what follows."""
+    """With train_backbone: train only the backbone's last this many blocks and what follows
+    (0: none of it, the backbone stays frozen, BN statistics included)."""
     hardest_negative: bool | None = None
     """The stage's ranking loss on the hardest negative (True) or the sum (False); None:
     TrainConfig.hardest_negative."""

@@ -102,8 +102,8 @@ def define_flags() -> None:
                         "statistics; default: all of it.")
     flags.DEFINE_integer("stage2_backbone_trainable_blocks", None,
                          "Stage II trains only the backbone's last N blocks (block_16, conv5_block3, "
-                         "...) and the layers after them, the rest frozen with their BN statistics; "
-                         "default: all of it.", lower_bound=1)
+                         "...) and the layers after them, the rest frozen with their BN statistics "
+                         "(0: all of it frozen); default: all of it trains.", lower_bound=0)
     flags.DEFINE_integer("stage1_feature_views", 0,
                          "Stage I on cached features of the frozen backbone: this many augmented "
                          "views per image, computed once, one drawn per image and epoch (0: off, "

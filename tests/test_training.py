@@ -135,6 +135,20 @@ def test_stage2_multipliers_of_the_whole_backbone(shard_dir, tmp_path):
     assert multipliers["small_cnn_conv2/kernel"] == multipliers["small_cnn_bn1/gamma"] == 0.02
 
 
+def test_stage2_with_no_block_to_train_keeps_the_whole_backbone(shard_dir, tmp_path):
+    """--stage2_backbone_trainable_blocks=0: stage II trains the heads and the text path on
+    fresh crops, the backbone frozen with its BN statistics (the no-fine-tuning ablation)."""
+    frozen = dataclasses.replace(stage(2, weights="1:1:1"), backbone_trainable_blocks=0)
+    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), frozen]))
+    trainer.run_stage(trainer.config.stages[0])
+    before = snapshot(trainer.model.backbone.weights)
+    head_before = snapshot(trainer.model.text_cnn.trainable_variables)
+    trainer.run_stage(frozen)
+    assert changed(before, snapshot(trainer.model.backbone.weights)) == set()
+    assert changed(head_before, snapshot(trainer.model.text_cnn.trainable_variables))
+    assert not trainer.model.backbone.trainable_variables
+
+
 @pytest.mark.parametrize("top, message", [
     (dict(backbone_trainable_from="block_13_expand"), "has no layer 'block_13_expand'; its layers: "
                                                       "small_cnn_rescale, small_cnn_conv1"),

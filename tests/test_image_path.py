@@ -1,0 +1,74 @@
+"""The image path's partial fine-tuning: which layers of a keras.applications backbone are its
+blocks, and that training only the top leaves the rest, BN statistics included, as it was."""
+import keras
+import numpy as np
+import pytest
+
+from dual_path.image_path import (block_of, build_image_backbone, first_trainable_layer,
+                                  leaf_layers, train_top_of_backbone)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2() -> keras.Model:
+    return build_image_backbone("MobileNetV2", weights=None, input_size=96)
+
+
+@pytest.mark.parametrize("name, block", [
+    ("conv4_block6_2_conv", "conv4_block6"), ("conv1_conv", None), ("avg_pool", None),  # ResNet
+    ("block_16_project_BN", "block_16"), ("expanded_conv_depthwise", "expanded_conv"),
+    ("Conv_1", None), ("Conv1", None),  # MobileNetV2
+    ("block6a_se_excite", "block6a"), ("top_conv", None),  # EfficientNet
+    ("conv_dw_13_bn", "13"), ("conv_pw_13", "13"), ("conv_pad_12", "12"), ("conv1", None),  # MobileNet
+    ("small_cnn_bn3", "3"), ("small_cnn_pool", None),
+])
+def test_block_of_names_the_block_of_each_applications_layers(name, block):
+    assert block_of(name) == block
+
+
+def test_mobilenet_v2_has_17_blocks_and_its_last_7_start_at_block_10(mobilenet_v2):
+    layers = leaf_layers(mobilenet_v2)
+    blocks = list(dict.fromkeys(filter(None, (block_of(layer.name) for layer in layers))))
+    assert blocks == ["expanded_conv"] + [f"block_{n}" for n in range(1, 17)]
+    first = first_trainable_layer(mobilenet_v2, blocks=7)
+    assert layers[first].name == "block_10_expand"
+    assert first_trainable_layer(mobilenet_v2, from_layer="block_10_expand") == first
+    assert first_trainable_layer(mobilenet_v2) == 0
+    assert first_trainable_layer(mobilenet_v2, blocks=0) == len(layers)
+
+
+def test_training_the_top_keeps_the_frozen_layers_weights_and_bn_statistics(mobilenet_v2):
+    trained = train_top_of_backbone(mobilenet_v2, blocks=2)
+    assert trained[0] == "block_15_expand" and {"Conv_1", "Conv_1_bn", "out_relu"} <= set(trained)
+    frozen_bn = next(layer for layer in leaf_layers(mobilenet_v2) if layer.name == "block_14_project_BN")
+    top_bn = next(layer for layer in leaf_layers(mobilenet_v2) if layer.name == "Conv_1_bn")
+    frozen_before = [weight.numpy().copy() for weight in frozen_bn.weights]
+    top_before = top_bn.moving_mean.numpy().copy()
+    images = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype("float32")
+    mobilenet_v2(images, training=True)
+    for before, weight in zip(frozen_before, frozen_bn.weights):
+        np.testing.assert_array_equal(before, weight.numpy())
+    assert not np.array_equal(top_before, top_bn.moving_mean.numpy())  # a trained BN updates
+    assert {variable.path.split("/")[0] for variable in mobilenet_v2.trainable_variables} <= set(trained)
+
+
+def test_a_second_call_sets_every_layer_again(mobilenet_v2):
+    """Regression: Keras does not pass a model's `trainable = True` on to the layers of a nested
+    model frozen one by one, so widening the trained top left it at the first call's size."""
+    narrow = len(train_top_of_backbone(mobilenet_v2, blocks=2))
+    wide = train_top_of_backbone(mobilenet_v2, blocks=7)
+    assert narrow < len(wide)
+    assert sum(layer.trainable for layer in leaf_layers(mobilenet_v2)) == len(wide)
+    everything = train_top_of_backbone(mobilenet_v2)
+    assert len(everything) == len(leaf_layers(mobilenet_v2))
+    assert len(mobilenet_v2.trainable_variables) == 156
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(from_layer="conv5_block3_out"), "has no layer 'conv5_block3_out'; its layers: "
+                                          "preprocess_input, Conv1, bn_Conv1"),
+    (dict(blocks=18), r"has 17 blocks \(expanded_conv, block_1, .*block_16\), asked to train the last 18"),
+    (dict(blocks=2, from_layer="Conv_1"), "not both"),
+])
+def test_a_top_the_backbone_lacks_is_a_clear_error(mobilenet_v2, options, message):
+    with pytest.raises(ValueError, match=message):
+        first_trainable_layer(mobilenet_v2, **options)
