@@ -1,4 +1,4 @@
-"""The four benchmark scripts run end to end with tiny settings and write their JSON reports.
+"""The benchmark scripts run end to end with tiny settings and write their JSON reports.
 
 Nothing here judges speed: each script runs as a subprocess (`python -m
 experiments.benchmarks.X --output_json=...`) on a tiny model and a tiny synthetic shard folder
@@ -205,3 +205,20 @@ def test_committed_results_name_no_path_of_this_checkout():
     for path in results:
         text = path.read_text(encoding="utf-8")
         assert str(report.REPO) not in text and str(report.SHARED) not in text, path
+
+
+def test_backbone_finetune_times_the_top_blocks_against_the_whole_backbone(tmp_path):
+    output = tmp_path / "backbone_finetune.json"
+    stdout = run_benchmark("backbone_finetune", *TINY_MODEL, "--trainable_blocks=1,0",
+                           "--batch_size=2", "--warmup_steps=1", "--steps=1", f"--output_json={output}")
+    written = check_report(
+        output, "backbone_finetune",
+        {"whole_backbone_images_per_s", "top_1_blocks_images_per_s", "top_0_blocks_images_per_s",
+         "forward_inference_images_per_s"},
+        {"top_1_blocks_over_whole_backbone": ("top_1_blocks_images_per_s", "whole_backbone_images_per_s"),
+         "top_0_blocks_over_whole_backbone": ("top_0_blocks_images_per_s", "whole_backbone_images_per_s"),
+         "forward_inference_over_whole_backbone": ("forward_inference_images_per_s",
+                                                   "whole_backbone_images_per_s")})
+    # small_cnn's last block is conv2, bn2, relu2, then the pool: 4 layers; 0 blocks: none.
+    assert written["settings"]["trained_layers"] == {"1": 4, "0": 0}
+    assert "last 1 blocks (  4 layers)" in stdout and "small_cnn at 32 px, batch 2" in stdout

@@ -91,7 +91,8 @@ FEATURE_VIEWS = 8
 """Cached augmented views per image of (e); the step's cost does not depend on it."""
 
 
-def _int_list(value: str) -> tuple[int, ...]:
+def int_list(value: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers ("1,2,3") -> (1, 2, 3)."""
     try:
         return tuple(int(part) for part in value.split(","))
     except ValueError:
@@ -120,13 +121,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone weights file, 'imagenet' or 'none'; default ../shared's "
                              "MobileNet 0.25 file, random weights when it is absent")
     parser.add_argument("--image_size", type=int, default=224, help="input image side in pixels")
-    parser.add_argument("--small_cnn_widths", type=_int_list, default=(32, 64, 128, 256))
+    parser.add_argument("--small_cnn_widths", type=int_list, default=(32, 64, 128, 256))
     parser.add_argument("--embedding_dim", type=int, default=300, help="word vector size")
-    parser.add_argument("--text_blocks", type=_int_list, default=(1, 1, 1, 1),
+    parser.add_argument("--text_blocks", type=int_list, default=(1, 1, 1, 1),
                         help="bottleneck blocks per text CNN stage (the paper: 3,4,6,1)")
-    parser.add_argument("--text_widths", type=_int_list, default=(128, 256, 512, 1024),
+    parser.add_argument("--text_widths", type=int_list, default=(128, 256, 512, 1024),
                         help="text CNN stage widths; the paper's: 256,512,1024,2048")
-    parser.add_argument("--head_dims", type=_int_list, default=(1024, 1024),
+    parser.add_argument("--head_dims", type=int_list, default=(1024, 1024),
                         help="fc sizes of each path's head; the paper's: 2048,2048")
     parser.add_argument("--dropout", type=float, default=0.75)
 

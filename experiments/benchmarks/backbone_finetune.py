@@ -1,0 +1,117 @@
+"""Times a training step through the image backbone with only its top trainable against the
+whole backbone trainable (run by hand, not a test): what stage II's partial fine-tuning
+(`--stage2_backbone_trainable_blocks`, `dual_path.image_path.train_top_of_backbone`) saves.
+
+In one run, on one random batch (images uniform in 0..255) fed again and again, at the same
+batch and image size, on this machine's CPU or GPU, each a tf.function of forward, backward and
+an SGD update of the trainable weights (the loss the squared norm of the pooled features: the
+cost is the backbone's, whatever the loss):
+
+(a) baseline: the whole backbone trainable, BatchNorm in training mode (stage II end to end);
+(b) for each N of --trainable_blocks: only the last N blocks and the layers after them trainable,
+    the rest frozen with its BN statistics (N = 0: nothing trains, the forward pass in training
+    mode with no backward); (b)/(a) is the speed-up;
+(c) the forward pass alone in inference mode (what the feature cache pays once per view).
+
+Every figure is images per second.
+
+    python -m experiments.benchmarks.backbone_finetune --backbone=MobileNetV2 --alpha=none \\
+        --weights=../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5 \\
+        --output_json=experiments/results/benchmarks/backbone_finetune.json
+"""
+import argparse
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dual_path.image_path import build_image_backbone, train_top_of_backbone
+from experiments.benchmarks import report, train_step
+
+
+def _blocks(value: str) -> tuple[int, ...]:
+    counts = train_step.int_list(value)
+    if any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"block counts must be >= 0, got {value!r}")
+    return counts
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    train_step.add_model_arguments(parser)
+    parser.add_argument("--trainable_blocks", type=_blocks, default=(7, 2, 0),
+                        help="the last N blocks trained in each timed variant (0: none)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps (tracing included)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each variant")
+    report.add_output_argument(parser)
+    args = parser.parse_args()
+    for name in ("batch_size", "steps", "image_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    args.weights = train_step.resolve_weights(args.weights, parser)
+    return args
+
+
+def training_step(backbone: keras.Model, images: tf.Tensor) -> Callable[[int], tf.Tensor]:
+    """A compiled step on the backbone's weights trainable now: forward in training mode, the
+    gradient of the features' squared norm, and an SGD update (lr 1e-6, so weights stay sane)."""
+    variables = backbone.trainable_variables
+    optimizer = keras.optimizers.SGD(learning_rate=1e-6)
+    if variables:
+        optimizer.build(variables)
+
+    @tf.function(jit_compile=False)
+    def step():
+        with tf.GradientTape() as tape:
+            features = backbone(images, training=True)
+            loss = tf.reduce_mean(tf.reduce_sum(tf.square(features), axis=1))
+        if variables:
+            optimizer.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    return lambda index: step()
+
+
+def main() -> None:
+    args = _parse_args()
+    backbone = build_image_backbone(args.backbone, args.weights, args.image_size, args.alpha,
+                                    args.small_cnn_widths)
+    images = tf.constant(np.random.default_rng(0).uniform(
+        0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32"))
+
+    def images_per_s(run_step) -> float:
+        return args.steps * args.batch_size / train_step.time_steps(run_step, args.warmup_steps, args.steps)
+
+    train_top_of_backbone(backbone)
+    figures = {"whole_backbone_images_per_s": images_per_s(training_step(backbone, images))}
+    trained_layers = {}
+    for blocks in args.trainable_blocks:
+        trained_layers[blocks] = len(train_top_of_backbone(backbone, blocks=blocks))
+        figures[f"top_{blocks}_blocks_images_per_s"] = images_per_s(training_step(backbone, images))
+    inference = tf.function(lambda: backbone(images, training=False), jit_compile=False)
+    figures["forward_inference_images_per_s"] = images_per_s(lambda index: inference())
+    baseline = figures["whole_backbone_images_per_s"]
+    ratios = {f"top_{blocks}_blocks_over_whole_backbone": figures[f"top_{blocks}_blocks_images_per_s"] / baseline
+              for blocks in args.trainable_blocks}
+    ratios["forward_inference_over_whole_backbone"] = figures["forward_inference_images_per_s"] / baseline
+
+    print(f"backbone_finetune: {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
+          f"{args.steps} timed steps each, on {report.describe(report.machine())}")
+    print(f"  whole backbone trainable:       {baseline:8.1f} images/s")
+    for blocks in args.trainable_blocks:
+        value = figures[f"top_{blocks}_blocks_images_per_s"]
+        print(f"  last {blocks} blocks ({trained_layers[blocks]:3d} layers):   {value:8.1f} images/s "
+              f"({value / baseline:.2f}x)")
+    print(f"  forward pass, inference mode:   {figures['forward_inference_images_per_s']:8.1f} images/s "
+          f"({ratios['forward_inference_over_whole_backbone']:.2f}x)")
+    if args.output_json:
+        settings = {**vars(args), "trained_layers": {str(key): value for key, value in trained_layers.items()}}
+        report.write_report(args.output_json, "backbone_finetune", figures, ratios, settings)
+        print(f"report: {args.output_json}")
+
+
+if __name__ == "__main__":
+    main()
