@@ -23,7 +23,7 @@ writes <results_dir>/<dataset>-<row>.json:
 
 Workspace layout: shards in <workspace>/<dataset>/shards/<dataset> (the synthetic raw data in
 <workspace>/synthetic/raw/synthetic, as `dual-path-demo --workspace=workspace/synthetic`
-writes them), runs in <workspace>/experiments/<dataset>/<row>, cached backbone features in
+writes them; Flickr8k rows on GloVe in <...>/flickr8k_glove, WORD_VECTORS), runs in <workspace>/experiments/<dataset>/<row>, cached backbone features in
 <workspace>/<dataset>/feature_cache; the Flickr8k ablation rows (held_out) train on
 <workspace>/flickr8k/shards/flickr8k_held_out, built from the split lists it writes in
 <workspace>/flickr8k/held_out_lists (train less its last 500 images; those 500 as val, the dev
@@ -81,10 +81,23 @@ class Row(NamedTuple):
     held_out: bool = False
     """Trains on the train list less its held-out tail, validates on that tail and reports the
     dev split, built as "test" (shards in held_out_shard_dir; Flickr8k only)."""
+    word_vectors: str = "captions"
+    """The shards' word vectors, a key of WORD_VECTORS: word2vec trained on the train captions,
+    or GloVe from ../shared (Flickr8k only; shards in a folder of their own)."""
 
 
 def _config(dataset: str) -> str:
     return f"experiments/configs/{dataset}.flags"
+
+
+# The Flickr8k recipe before MobileNetV2 and GloVe: the ablations of the instance loss ran on it.
+FLICKR8K_MOBILENET_0_25_CONFIG = "experiments/configs/flickr8k_mobilenet_0_25.flags"
+GLOVE = "glove"
+# Row.word_vectors -> (build_shards --word2vec, suffix of the shard folder's name).
+WORD_VECTORS = {
+    "captions": (build_shards.WORD2VEC_TRAIN, ""),
+    GLOVE: (str(SHARED / "vectors" / "glove.6B.50d.top100k.txt"), "_glove"),
+}
 
 
 def ablation_config(dataset: str) -> str:
@@ -142,8 +155,9 @@ FLICKR8K_HELD_OUT_IMAGES = 500
 
 def _ablation_rows(dataset: str) -> dict[str, Row]:
     changes = {**_COMMON_ABLATIONS, **_classifier_ablations(dataset), **_TEXT_DEPTH_ABLATIONS[dataset]}
+    config = FLICKR8K_MOBILENET_0_25_CONFIG if dataset == "flickr8k" else _config(dataset)
     return {
-        name: Row(dataset, name, description, (_config(dataset), ablation_config(dataset)),
+        name: Row(dataset, name, description, (config, ablation_config(dataset)),
                   row_flags, _CACHES_FEATURES[dataset], held_out=_HELD_OUT[dataset])
         for name, (description, row_flags) in changes.items()
     }
@@ -153,14 +167,38 @@ def _ablation_rows(dataset: str) -> dict[str, Row]:
 ROWS: dict[str, dict[str, Row]] = {
     "flickr8k": {
         "main": Row("flickr8k", "main",
-                    "Both stages: Stage I on the frozen backbone's cached features with the "
-                    "instance and ranking losses, then Stage II end to end",
-                    (_config("flickr8k"),), (), True),
+                    "MobileNetV2 and GloVe: Stage I on the frozen backbone's cached features with "
+                    "the instance and ranking losses, then Stage II with the backbone's top blocks "
+                    "fine-tuned", (_config("flickr8k"),), (), True, word_vectors=GLOVE),
+        "main_mobilenet_0_25": Row(
+            "flickr8k", "main_mobilenet_0_25",
+            "The recipe before: MobileNet 0.25 and word2vec trained on the captions, Stage II "
+            "end to end", (FLICKR8K_MOBILENET_0_25_CONFIG,), (), True),
+        # What each change of the main recipe bought, on the dev split (reported, never chosen on).
+        "main_no_finetune": Row(
+            "flickr8k", "main_no_finetune",
+            "Stage II of the main run again from its stage I with the backbone frozen (no "
+            "fine-tuning)", (_config("flickr8k"),),
+            ("--stage=2", "--stage2_backbone_trainable_blocks=0"), True, stage1_from_row="main",
+            word_vectors=GLOVE),
+        "main_stage1_only": Row(
+            "flickr8k", "main_stage1_only", "Stage I of the main recipe alone (GloVe)",
+            (_config("flickr8k"),), ("--stage=1",), True, word_vectors=GLOVE),
+        "main_stage1_word2vec_captions": Row(
+            "flickr8k", "main_stage1_word2vec_captions",
+            "Stage I of the main recipe alone, word2vec trained on the captions in place of GloVe",
+            (_config("flickr8k"),), ("--stage=1",), True),
+        "main_stage1_random_word_init": Row(
+            "flickr8k", "main_stage1_random_word_init",
+            "Stage I of the main recipe alone, the word embedding initialised at random",
+            (_config("flickr8k"),), ("--stage=1", "--word_embedding_init=random"), True,
+            word_vectors=GLOVE),
         "main_stage2_hardest": Row(
             "flickr8k", "main_stage2_hardest",
             "Stage II of the main run again from its stage I, with the paper's ranking loss on "
             "the hardest negative", (_config("flickr8k"),),
-            ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main"),
+            ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main",
+            word_vectors=GLOVE),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),
@@ -208,8 +246,10 @@ def held_out_lists_dir(workspace: str, dataset: str) -> str:
 
 
 def row_shard_dir(row: Row, workspace: str, shard_dir: str) -> str:
-    """The shards row trains on: held_out_shard_dir for held_out rows, else shard_dir."""
-    return held_out_shard_dir(workspace, row.dataset) if row.held_out else shard_dir
+    """The shards row trains on: held_out_shard_dir for held_out rows, else shard_dir, with the
+    suffix of the row's word vectors (WORD_VECTORS) appended to the folder's name."""
+    base = held_out_shard_dir(workspace, row.dataset) if row.held_out else shard_dir
+    return base + WORD_VECTORS[row.word_vectors][1]
 
 
 def model_dir(workspace: str, dataset: str, row: str) -> str:
@@ -273,7 +313,7 @@ def write_held_out_split_lists(train_list: Path, lists_dir: str, held_out: int) 
     return paths
 
 
-def _build_flickr8k(shard_dir: str, held_out_lists_dir: str | None) -> None:
+def _build_flickr8k(shard_dir: str, held_out_lists_dir: str | None, word_vectors: str) -> None:
     if not FLICKR8K_RAW.is_dir():
         raise FileNotFoundError(
             f"no Flickr8k shards in {shard_dir} and no raw Flickr8k in {FLICKR8K_RAW} to build them "
@@ -292,15 +332,18 @@ def _build_flickr8k(shard_dir: str, held_out_lists_dir: str | None) -> None:
     source = read_source("flickr_tokens", captions=captions, image_root=image_root,
                          split_files=split_files)
     build_shards.build_shards(source, shard_dir, source_format="flickr_tokens",
-                              source_files=[captions, image_root, split_files])
+                              source_files=[captions, image_root, split_files],
+                              word2vec_source=WORD_VECTORS[word_vectors][0])
 
 
-def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool = False) -> None:
+def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool = False,
+                  word_vectors: str = "captions") -> None:
     """Builds the dataset's shards into shard_dir unless its manifest (written last) is there.
 
     synthetic: generates the raw data in <workspace>/synthetic/raw/synthetic first if needed.
     flickr8k: reads the raw files in ../shared; FileNotFoundError if they are absent. With
     held_out, the split lists of held_out_shard_dir are written to held_out_lists_dir first.
+    word_vectors: a key of WORD_VECTORS (flickr8k).
     """
     if os.path.exists(shard_format.manifest_path(shard_dir)):
         return
@@ -308,7 +351,8 @@ def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool =
     if dataset == "synthetic":
         _build_synthetic(shard_dir, os.path.join(workspace, dataset, "raw", dataset))
     else:
-        _build_flickr8k(shard_dir, held_out_lists_dir(workspace, dataset) if held_out else None)
+        _build_flickr8k(shard_dir, held_out_lists_dir(workspace, dataset) if held_out else None,
+                        word_vectors)
 
 
 def _prepare_run_dir(run_dir: str, command_line: str, fresh: bool) -> bool:
@@ -410,7 +454,8 @@ def main(argv: Sequence[str]) -> None:
     try:
         for row in to_run:
             row_shards = row_shard_dir(row, workspace, shard_dir)
-            ensure_shards(FLAGS.dataset, row_shards, workspace, held_out=row.held_out)
+            ensure_shards(FLAGS.dataset, row_shards, workspace, held_out=row.held_out,
+                          word_vectors=row.word_vectors)
             run_row(row, workspace=workspace, shard_dir=row_shards, results_dir=FLAGS.results_dir,
                     extra_flags=extra_flags, fresh=FLAGS.rerun)
     except (RowFailedError, FileNotFoundError, ValueError) as error:

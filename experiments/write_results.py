@@ -262,9 +262,11 @@ def flickr8k_section(records: dict[str, dict]) -> list[str]:
     ]
     for name in main_rows:
         lines += [f"{name}: {records[name]['description']}.", "", *_run_details(records[name]), ""]
-    if MAIN_ROW not in records:
-        lines.append(f"Main run: {NOT_RUN} "
-                     "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main`).")
+    missing = [name for name in run_experiments.ROWS["flickr8k"]
+               if is_main_row(name) and name not in records]
+    if missing:
+        lines.append(f"{NOT_RUN.capitalize()}: {', '.join(missing)} (`python -m "
+                     f"experiments.run_experiments --dataset=flickr8k --rows={','.join(missing)}`).")
     return lines + [""]
 
 

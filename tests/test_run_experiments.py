@@ -31,7 +31,9 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "position_shift", "text_blocks", "text_widths", "evaluate_test",
                  "word_embedding_init", "stage1_feature_views", "backbone",
                  "stage2_hardest_negative", "stage1_from", "hardest_negative", "classifier",
-                 "classifier_init", "dropout"]
+                 "classifier_init", "dropout", "alpha", "weights", "stage2_backbone_trainable_blocks",
+                 "stage2_backbone_lr_multiplier", "stage2_backbone_bn_lr_multiplier",
+                 "stage2_first_conv_lr_multiplier"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -93,7 +95,9 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_stage2_hardest", "both", "ranking_only", "instance_only",
+        "main", "main_mobilenet_0_25", "main_no_finetune", "main_stage1_only",
+        "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
+        "both", "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
     assert list(run_experiments.ROWS["synthetic"]) == [
@@ -106,6 +110,17 @@ def test_registry_rows_and_their_flagfiles():
                 assert (REPO / flagfile).is_file(), flagfile
     main = run_experiments.ROWS["flickr8k"]["main"]
     assert main.flagfiles == ("experiments/configs/flickr8k.flags",) and not main.flags
+    assert main.word_vectors == run_experiments.GLOVE
+    # The instance-loss ablations ran on the recipe before MobileNetV2 and GloVe.
+    before = run_experiments.ROWS["flickr8k"]["main_mobilenet_0_25"]
+    assert before.flagfiles == (run_experiments.FLICKR8K_MOBILENET_0_25_CONFIG,)
+    assert run_experiments.ROWS["flickr8k"]["both"].flagfiles[0] == before.flagfiles[0]
+    assert before.word_vectors == "captions" and not before.flags
+    # The word vector ablation trains on shards of its own, the others on the main run's.
+    word_vectors = {name: row.word_vectors for name, row in run_experiments.ROWS["flickr8k"].items()
+                    if name.startswith("main_stage")}
+    assert word_vectors == {"main_stage1_only": "glove", "main_stage1_word2vec_captions": "captions",
+                            "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove"}
 
 
 def test_commands_put_extra_flags_last_and_cache_features_for_flickr8k_ablations(tmp_path):
@@ -116,7 +131,7 @@ def test_commands_put_extra_flags_last_and_cache_features_for_flickr8k_ablations
         cache_dir=str(tmp_path / "cache"), extra_flags=["--stage1_epochs=1"])
     assert command == [
         "python", "-m", "experiments.train",
-        "--flagfile=experiments/configs/flickr8k.flags",
+        "--flagfile=experiments/configs/flickr8k_mobilenet_0_25.flags",
         "--flagfile=experiments/configs/ablations/flickr8k.flags",
         "--stage1_loss_weights=1:0:0",
         "--shard_dir=workspace/f/shards",
@@ -139,7 +154,25 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         values = outcome["values"]
         if row == "main":
             assert values["stage"] == "both" and values["stage1_loss_weights"] == "1:1:1"
-            assert values["backbone"] == "MobileNet"
+            assert (values["backbone"], values["alpha"]) == ("MobileNetV2", 1.0)
+            assert values["weights"] == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
+            assert values["stage2_backbone_trainable_blocks"] == 7
+            continue
+        if row == "main_no_finetune":
+            assert values["stage"] == "2" and values["stage2_backbone_trainable_blocks"] == 0
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
+            continue
+        if row.startswith("main_stage1_"):
+            assert values["stage"] == "1" and values["backbone"] == "MobileNetV2", name
+            assert values["word_embedding_init"] == ("random" if row.endswith("random_word_init")
+                                                     else "word2vec"), name
+            continue
+        if row == "main_mobilenet_0_25":
+            assert (values["backbone"], values["alpha"]) == ("MobileNet", 0.25)
+            assert values["stage2_backbone_trainable_blocks"] is None
+            assert values["stage2_backbone_lr_multiplier"] == 0.1
+            assert values["stage2_backbone_bn_lr_multiplier"] is None
+            assert values["stage2_first_conv_lr_multiplier"] is None
             continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
@@ -172,7 +205,8 @@ def test_flickr8k_ablations_train_on_shards_with_the_train_lists_tail_held_out()
     for row in run_experiments.ROWS["flickr8k"].values():
         assert row.held_out is not row.name.startswith("main"), row.name
         shards = run_experiments.row_shard_dir(row, workspace, "full_shards")
-        assert shards == ("full_shards" if not row.held_out
+        suffix = "_glove" if row.word_vectors == run_experiments.GLOVE else ""
+        assert shards == ("full_shards" + suffix if not row.held_out
                           else os.path.join("workspace", "flickr8k", "shards", "flickr8k_held_out"))
     assert not any(row.held_out for row in run_experiments.ROWS["synthetic"].values())
 

@@ -136,7 +136,10 @@ def test_benchmark_tables(results_dir):
 def test_missing_json_says_not_run_yet(tmp_path):
     page = write_results.render(str(tmp_path))
     flickr = section(page, "## Flickr8k")
-    assert "Main run: not run yet" in flickr and "this implementation" not in flickr
+    assert ("Not run yet: main, main_mobilenet_0_25, main_no_finetune, main_stage1_only, "
+            "main_stage1_word2vec_captions, main_stage1_random_word_init, main_stage2_hardest "
+            "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main,") in flickr
+    assert "this implementation" not in flickr
     assert "| DeViSE | 4.5 |  |  |  | 6.7 |  |  |  |" in flickr
     for dataset in ("flickr8k", "synthetic"):
         assert f"Not run yet (`python -m experiments.run_experiments --dataset={dataset} --rows=all`)." \
