@@ -100,13 +100,27 @@ def test_train_step_times_the_trainers_steps_and_the_pipeline_fed_by_the_shards(
     assert f"{os.cpu_count()} logical cores, TensorFlow" in stdout
 
 
+def flagfile_values(path: Path) -> dict:
+    """--name=value of a flagfile, the flagfiles it names read in place (later lines win)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("--flagfile="):
+            values.update(flagfile_values(REPO / line.split("=", 1)[1]))
+        elif line.startswith("--") and "=" in line:
+            name, value = line[2:].split("=", 1)
+            values[name] = value
+    return values
+
+
 def test_train_step_model_defaults_are_the_flickr8k_run_s():
     parser = argparse.ArgumentParser()
     train_step.add_model_arguments(parser)
     defaults = parser.parse_args([])
-    flags = (REPO / "experiments" / "configs" / "flickr8k.flags").read_text().splitlines()
+    flags = flagfile_values(REPO / "experiments" / "configs" / "flickr8k.flags")
     for name in ("text_blocks", "text_widths", "head_dims"):
-        assert f"--{name}={','.join(map(str, getattr(defaults, name)))}" in flags, name
+        assert flags[name] == ",".join(map(str, getattr(defaults, name))), name
+    assert (flags["backbone"], float(flags["dropout"])) == (defaults.backbone, defaults.dropout)
+    assert os.path.relpath(defaults.weights, REPO) == flags["weights"]
 
 
 def test_train_step_without_shards_says_how_to_build_them_and_times_nothing(tmp_path):

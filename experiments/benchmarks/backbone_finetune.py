@@ -15,8 +15,9 @@ cost is the backbone's, whatever the loss):
 
 Every figure is images per second.
 
-    python -m experiments.benchmarks.backbone_finetune --backbone=MobileNetV2 --alpha=none \\
-        --weights=../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5 \\
+The architecture flags are train_step's (default: the Flickr8k config's MobileNetV2).
+
+    python -m experiments.benchmarks.backbone_finetune \\
         --output_json=experiments/results/benchmarks/backbone_finetune.json
 """
 import argparse

@@ -35,8 +35,8 @@ machine's CPU or GPU:
 
 Every figure is examples (image-caption pairs) per second.
 
-The architecture flags default to the model of experiments/configs/flickr8k.flags: MobileNet
-alpha 0.25 at 224 px with ../shared's ImageNet weights, a text CNN of one bottleneck block per
+The architecture flags default to the model of experiments/configs/flickr8k.flags: MobileNetV2
+1.0 at 224 px with ../shared's ImageNet weights, 50-d word vectors (GloVe's), a text CNN of one bottleneck block per
 stage (--text_blocks=1,1,1,1) at half the paper's widths (--text_widths=128,256,512,1024) and
 1024-d heads (--head_dims=1024,1024); the paper's model is --text_blocks=3,4,6,1
 --text_widths=256,512,1024,2048 --head_dims=2048,2048. The other trainer settings (lr,
@@ -69,14 +69,15 @@ from dual_path import image_path, input_pipeline, training
 from dual_path.model import DualPathConfig
 from experiments.benchmarks import report
 
-SHARED_WEIGHTS = report.SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
-DEFAULT_SHARD_DIR = "workspace/flickr8k/shards/flickr8k"
+SHARED_WEIGHTS = report.SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
+DEFAULT_SHARD_DIR = "workspace/flickr8k/shards/flickr8k_glove"
 BUILD_SHARDS_COMMAND = (
     "dual-path-build-shards --source_format=flickr_tokens "
     "--captions=../shared/data/flickr8k/Flickr8k_text/Flickr8k.token.txt "
     "--image_root=../shared/data/flickr8k/Flicker8k_Dataset "
     "--split_files=train=../shared/data/flickr8k/Flickr8k_text/Flickr_8k.trainImages.txt,"
     "dev=../shared/data/flickr8k/Flickr8k_text/Flickr_8k.devImages.txt "
+    "--word2vec=../shared/vectors/glove.6B.50d.top100k.txt "
     f"--shard_dir={DEFAULT_SHARD_DIR}"
 )
 # The trainer's settings (experiments/configs/flickr8k.flags); they do not change the timing.
@@ -114,22 +115,22 @@ def _loss_weights(value: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The architecture flags (DualPathConfig's fields); defaults: the Flickr8k run's model
     (experiments/configs/flickr8k.flags)."""
-    parser.add_argument("--backbone", default="MobileNet", help="keras.applications name or small_cnn")
-    parser.add_argument("--alpha", type=_optional_float, default=0.25,
+    parser.add_argument("--backbone", default="MobileNetV2", help="keras.applications name or small_cnn")
+    parser.add_argument("--alpha", type=_optional_float, default=None,
                         help="MobileNet width multiplier; 'none' for backbones without one")
     parser.add_argument("--weights", default=str(SHARED_WEIGHTS),
                         help="backbone weights file, 'imagenet' or 'none'; default ../shared's "
-                             "MobileNet 0.25 file, random weights when it is absent")
+                             "MobileNetV2 file, random weights when it is absent")
     parser.add_argument("--image_size", type=int, default=224, help="input image side in pixels")
     parser.add_argument("--small_cnn_widths", type=int_list, default=(32, 64, 128, 256))
-    parser.add_argument("--embedding_dim", type=int, default=300, help="word vector size")
+    parser.add_argument("--embedding_dim", type=int, default=50, help="word vector size")
     parser.add_argument("--text_blocks", type=int_list, default=(1, 1, 1, 1),
                         help="bottleneck blocks per text CNN stage (the paper: 3,4,6,1)")
     parser.add_argument("--text_widths", type=int_list, default=(128, 256, 512, 1024),
                         help="text CNN stage widths; the paper's: 256,512,1024,2048")
     parser.add_argument("--head_dims", type=int_list, default=(1024, 1024),
                         help="fc sizes of each path's head; the paper's: 2048,2048")
-    parser.add_argument("--dropout", type=float, default=0.75)
+    parser.add_argument("--dropout", type=float, default=0.0)
 
 
 def resolve_weights(value: str, parser: argparse.ArgumentParser) -> str | None:
