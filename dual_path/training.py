@@ -404,8 +404,11 @@ class Trainer:
             trained = image_path.train_top_of_backbone(
                 self.model.backbone, from_layer=stage.backbone_trainable_from,
                 blocks=stage.backbone_trainable_blocks)
-            logging.info("stage %d trains %d of the backbone's layers, from %s on", stage.stage,
-                         len(trained), trained[0] if trained else "none")
+            if trained:
+                logging.info("stage %d trains %d of the backbone's layers, from %s on",
+                             stage.stage, len(trained), trained[0])
+            else:
+                logging.info("stage %d keeps the whole backbone frozen", stage.stage)
         schedule = optimization.schedule_from_flags(
             stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, self.steps_per_epoch)
         with self.strategy.scope():
