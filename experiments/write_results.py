@@ -173,10 +173,22 @@ def _metrics(record: dict, split: str) -> dict:
     return metrics[split]
 
 
+def stage_curves(record: dict) -> str:
+    """"stage 1: 60: 158.7; stage 2: 10: 175.0": the validation rsum of every stage the run
+    trained, after each validated epoch (empty for records without a curve)."""
+    points = record["results"].get("validation_curve", [])
+    stages = sorted({point["stage"] for point in points})
+    return "; ".join(f"stage {stage}: " + ", ".join(f"{_epoch(point)}: {recall(point['rsum'])}"
+                                                     for point in points if point["stage"] == stage)
+                     for stage in stages)
+
+
 def _run_details(record: dict) -> list[str]:
+    curves = stage_curves(record)
     return [
         f"Wall time {_wall_time_of(record)}, finished {record.get('finished', 'at an unknown time')}"
-        f" on {machine_text(record.get('machine', {})) or 'an unrecorded machine'}.",
+        f" on {machine_text(record.get('machine', {})) or 'an unrecorded machine'}."
+        + (f" Validation rsum by epoch, {curves}." if curves else ""),
         "",
         "```",
         record["command"],

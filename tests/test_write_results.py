@@ -211,6 +211,20 @@ def test_a_variant_of_the_main_run_joins_the_flickr8k_table_not_the_ablations(re
     assert "main_stage2_hardest" not in ablations
 
 
+def test_main_rows_show_the_validation_curve_of_each_stage(tmp_path):
+    runs = tmp_path / "runs"
+    record = write_record(runs, "flickr8k", "main", {"val": metrics((9.0, 20.0, 30.0), (8.0, 20.0, 30.0))},
+                          3000.0)
+    record["results"]["stage"] = 2
+    record["results"]["validation_curve"] = [
+        {"epoch": 60.0, "rsum": 158.66, "stage": 1, "step": 11220},
+        {"epoch": 5.0, "rsum": 170.04, "stage": 2, "step": 935},
+        {"epoch": 10.0, "rsum": 175.0, "stage": 2, "step": 1870}]
+    (runs / "flickr8k-main.json").write_text(json.dumps(record))
+    flickr = section(write_results.render(str(tmp_path)), "## Flickr8k")
+    assert ("Validation rsum by epoch, stage 1: 60: 158.7; stage 2: 5: 170.0, 10: 175.0." in flickr)
+
+
 def test_ablation_rows_show_the_validation_curve_of_their_last_stage(tmp_path):
     runs = tmp_path / "runs"
     record = write_record(runs, "synthetic", "both", {"val": metrics((1, 2, 3), (1, 2, 3))}, 60)
