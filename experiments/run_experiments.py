@@ -23,7 +23,8 @@ writes <results_dir>/<dataset>-<row>.json:
 
 Workspace layout: shards in <workspace>/<dataset>/shards/<dataset> (the synthetic raw data in
 <workspace>/synthetic/raw/synthetic, as `dual-path-demo --workspace=workspace/synthetic`
-writes them; Flickr8k rows on GloVe in <...>/flickr8k_glove, WORD_VECTORS), runs in <workspace>/experiments/<dataset>/<row>, cached backbone features in
+writes them; the Flickr8k rows on GloVe in <workspace>/flickr8k/shards/flickr8k_glove, see
+WORD_VECTORS), runs in <workspace>/experiments/<dataset>/<row>, cached backbone features in
 <workspace>/<dataset>/feature_cache; the Flickr8k ablation rows (held_out) train on
 <workspace>/flickr8k/shards/flickr8k_held_out, built from the split lists it writes in
 <workspace>/flickr8k/held_out_lists (train less its last 500 images; those 500 as val, the dev
@@ -59,6 +60,7 @@ FLICKR8K_RAW = SHARED / "data" / "flickr8k"
 ALL_ROWS = "all"
 TRAIN_LOG_NAME = "train.log"
 RUN_COMMAND_NAME = "run_command.txt"
+CAPTIONS, GLOVE = "captions", "glove"  # the keys of WORD_VECTORS
 
 
 class Row(NamedTuple):
@@ -81,7 +83,7 @@ class Row(NamedTuple):
     held_out: bool = False
     """Trains on the train list less its held-out tail, validates on that tail and reports the
     dev split, built as "test" (shards in held_out_shard_dir; Flickr8k only)."""
-    word_vectors: str = "captions"
+    word_vectors: str = CAPTIONS
     """The shards' word vectors, a key of WORD_VECTORS: word2vec trained on the train captions,
     or GloVe from ../shared (Flickr8k only; shards in a folder of their own)."""
 
@@ -92,10 +94,9 @@ def _config(dataset: str) -> str:
 
 # The Flickr8k recipe before MobileNetV2 and GloVe: the ablations of the instance loss ran on it.
 FLICKR8K_MOBILENET_0_25_CONFIG = "experiments/configs/flickr8k_mobilenet_0_25.flags"
-GLOVE = "glove"
 # Row.word_vectors -> (build_shards --word2vec, suffix of the shard folder's name).
 WORD_VECTORS = {
-    "captions": (build_shards.WORD2VEC_TRAIN, ""),
+    CAPTIONS: (build_shards.WORD2VEC_TRAIN, ""),
     GLOVE: (str(SHARED / "vectors" / "glove.6B.50d.top100k.txt"), "_glove"),
 }
 
@@ -337,7 +338,7 @@ def _build_flickr8k(shard_dir: str, held_out_lists_dir: str | None, word_vectors
 
 
 def ensure_shards(dataset: str, shard_dir: str, workspace: str, held_out: bool = False,
-                  word_vectors: str = "captions") -> None:
+                  word_vectors: str = CAPTIONS) -> None:
     """Builds the dataset's shards into shard_dir unless its manifest (written last) is there.
 
     synthetic: generates the raw data in <workspace>/synthetic/raw/synthetic first if needed.
