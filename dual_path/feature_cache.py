@@ -13,10 +13,10 @@ On disk, under the cache folder, one subfolder per cache key:
   <key>/cache.json     what the key was computed from
 The key is a digest of everything the features depend on: the split's image shards (their
 names and sha256 in the manifest, so shards rebuilt with other word vectors or another
-vocabulary share the cache), the backbone's architecture and weight values, the view count, image size, seed, flip mode and crop
-ranges. Runs with the same backbone and data (the ablations) share one cache; a folder is
-written under a temporary name and renamed into place, so a killed run never leaves a partial
-cache in use (its temporary folder is deleted by the next run that computes the same key).
+vocabulary share the cache), the backbone's architecture and weight values, the view count,
+image size, seed, flip mode and crop ranges. Runs with the same backbone and images (the
+ablations) share one cache; a folder is written under a temporary name and renamed into place,
+so a killed run never leaves a partial cache in use (its temporary folder is deleted by the next run that computes the same key).
 """
 import dataclasses
 import glob
