@@ -11,86 +11,16 @@ Data flow (paper Section 3, Fig. 2):
 Logits and embeddings are float32 even under the mixed_float16 dtype policy.
 """
 import dataclasses
-from typing import Sequence
 
 import keras
 import numpy as np
 
 from dual_path import instance_classifier
+from dual_path.config import DualPathConfig
 from dual_path.image_path import build_image_backbone
 from dual_path.text_path import WORD_EMBEDDING, build_text_path
 
-EMBEDDING_POINTS = ("bn", "relu", "dropout")
 SHARED_CLASSIFIER = "shared_classifier"
-
-
-@dataclasses.dataclass
-class DualPathConfig:
-    """Every hyperparameter of the model architecture, in one place."""
-
-    vocab_size: int
-    """Number of token ids, reserved ones included (`Vocabulary.size`)."""
-    num_classes: int
-    """C: one class per training image (instance loss): the classifier's output size."""
-    max_length: int = 32
-    """L: token ids per caption, padded with 0 (the original uses 32)."""
-
-    backbone: str = "ResNet50"
-    """A keras.applications constructor name, or "small_cnn"."""
-    weights: str | None = "imagenet"
-    """Backbone weights: "imagenet", None (random), or a weights file path."""
-    image_size: int = 224
-    """S: the side of the square input image, in pixels."""
-    alpha: float | None = None
-    """Width multiplier of MobileNet / MobileNetV2 / MobileNetV3; None for the default."""
-    small_cnn_widths: Sequence[int] = (32, 64, 128, 256)
-    """Output channels of the small_cnn's stride-2 conv blocks (backbone="small_cnn" only)."""
-
-    embedding_dim: int = 300
-    """Size of a word vector (word2vec's is 300)."""
-    embedding_lr_multiplier: float = 1e-3
-    """Learning rate multiplier of the word embedding (see `DualPath.lr_multipliers`)."""
-    text_blocks: Sequence[int] = (3, 4, 6, 1)
-    """Residual bottleneck blocks per text CNN stage."""
-    text_widths: Sequence[int] = (256, 512, 1024, 2048)
-    """Output channels per text CNN stage; the bottleneck is a quarter of it."""
-
-    head_dims: Sequence[int] = (2048, 2048)
-    """Output sizes of the head's fc -> BN -> ReLU layers; D = head_dims[-1]."""
-    dropout: float = 0.75
-    """Dropout rate before the classifier: 0.75 Flickr30k, 0.5 MSCOCO, 0.8 CUHK-PEDES."""
-    embedding_point: str = "bn"
-    """Where the retrieval embedding is taken: "bn" (after the last BN, the original's
-    choice), "relu" (after the last ReLU) or "dropout" (the classifier's input)."""
-
-    share_classifier: bool = True
-    """One classifier for both paths (the paper); False gives each path its own (ablation)."""
-    classifier_bias: bool = False
-    """Whether the classifier has a bias (dense only)."""
-    classifier: str = "dense"
-    """The instance classifier's form: "dense" (the paper's) or "cosine" (scaled cosine
-    softmax, NormFace); see `dual_path.instance_classifier`."""
-    classifier_scale: float = 16.0
-    """s of the cosine classifier: its logits lie in [-s, s]."""
-    classifier_lr_multiplier: float = 1.0
-    """Learning rate multiplier of the classifier's weights (see `DualPath.lr_multipliers`)."""
-
-    def __post_init__(self):
-        if self.embedding_point not in EMBEDDING_POINTS:
-            raise ValueError(f"embedding_point must be one of {EMBEDDING_POINTS}, "
-                             f"got {self.embedding_point!r}")
-        if not self.head_dims:
-            raise ValueError("head_dims must name at least one fc layer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.classifier not in instance_classifier.CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {instance_classifier.CLASSIFIERS}, "
-                             f"got {self.classifier!r}")
-        if self.classifier == "cosine" and self.classifier_bias:
-            raise ValueError("a cosine classifier has no bias: drop classifier_bias")
-        if not self.classifier_scale > 0 or self.classifier_lr_multiplier < 0:
-            raise ValueError(f"classifier_scale must be > 0 and classifier_lr_multiplier >= 0, got "
-                             f"{self.classifier_scale} and {self.classifier_lr_multiplier}")
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """What a training run writes into its model_dir, and a trained model read back from it.
 
 Layout (WORKSPACE.md has the whole workspace):
-  flags.txt, flags.json      the run's resolved flags (flags.txt is a valid --flagfile)
-  model_config.json          the `DualPathConfig`: evaluation and export rebuild the model from it
+  flags.txt                  the command's resolved flags (experiments/train.py; a valid --flagfile)
+  config.json                the resolved `dual_path.config.TrainConfig` tree, model included:
+                             evaluation, export and the benchmarks rebuild the run from it
   stage{N}/ckpt-<step>       checkpoints; stage{N}/best/ the best by validation rsum
   stage{N}/done              JSON marker written once the stage finished: final_checkpoint,
                              best_checkpoint (relative to stage{N}/), step, epoch, best_rsum
@@ -15,15 +16,15 @@ import os
 import tensorflow as tf
 
 from dual_path.atomic_write import write_atomically
-from dual_path.model import DualPath, DualPathConfig, build_dual_path
+from dual_path.config import (CHECKPOINT_CHOICES, STAGES, DualPathConfig, TrainConfig, from_dict,
+                              to_dict)
+from dual_path.model import DualPath, build_dual_path
 
 DONE_MARKER = "done"
 BEST_DIR = "best"
 RESULTS_NAME = "results.json"
-MODEL_CONFIG_NAME = "model_config.json"
-RUN_FLAGS_NAME = "flags.json"
-CHECKPOINT_CHOICES = ("best", "last")
-STAGES = (1, 2)
+RUN_CONFIG_NAME = "config.json"
+RUN_FLAGS_NAME = "flags.txt"
 
 
 def write_json_atomically(path: str, value) -> None:
@@ -31,43 +32,39 @@ def write_json_atomically(path: str, value) -> None:
     write_atomically(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def write_run_flags(model_dir: str, flagfile_text: str, values: dict) -> None:
-    """model_dir/flags.txt (an absl flagfile: rerun with --flagfile) and flags.json."""
+def write_run_flags(model_dir: str, flagfile_text: str) -> None:
+    """model_dir/flags.txt: the command's resolved flags, an absl flagfile (rerun with --flagfile)."""
     tf.io.gfile.makedirs(model_dir)
-    write_atomically(os.path.join(model_dir, "flags.txt"), flagfile_text.encode("utf-8"))
-    write_json_atomically(os.path.join(model_dir, RUN_FLAGS_NAME), values)
+    write_atomically(os.path.join(model_dir, RUN_FLAGS_NAME), flagfile_text.encode("utf-8"))
 
 
-def read_run_flags(model_dir: str) -> dict:
-    """model_dir/flags.json as a dict, or {} when the run has none (a run not started by
-    experiments/train.py). Raises ValueError naming the file when it cannot be read."""
-    path = os.path.join(model_dir, RUN_FLAGS_NAME)
+def save_run_config(config: TrainConfig) -> None:
+    """config.model_dir/config.json: the run's whole config tree (`dual_path.config.to_dict`)."""
+    tf.io.gfile.makedirs(config.model_dir)
+    write_json_atomically(os.path.join(config.model_dir, RUN_CONFIG_NAME), to_dict(config))
+
+
+def load_run_config(model_dir: str) -> TrainConfig:
+    """The TrainConfig a run saved in model_dir/config.json.
+
+    Raises:
+      FileNotFoundError: there is no config.json (not a dual-path model_dir).
+      ValueError: it cannot be read as a TrainConfig (names the file and the reason).
+    """
+    path = os.path.join(model_dir, RUN_CONFIG_NAME)
     if not tf.io.gfile.exists(path):
-        return {}
+        raise FileNotFoundError(f"{path} does not exist: {model_dir} is not a dual-path model_dir")
     try:
-        with tf.io.gfile.GFile(path, "r") as flags_file:
-            values = json.loads(flags_file.read())
-    except (tf.errors.OpError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the run's flags: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: the run's flags must be a JSON object")
-    return values
-
-
-def save_model_config(model_dir: str, config: DualPathConfig) -> None:
-    tf.io.gfile.makedirs(model_dir)
-    write_json_atomically(os.path.join(model_dir, MODEL_CONFIG_NAME), dataclasses.asdict(config))
+        with tf.io.gfile.GFile(path, "r") as config_file:
+            return from_dict(TrainConfig, json.loads(config_file.read()))
+    except (tf.errors.OpError, UnicodeDecodeError, json.JSONDecodeError, TypeError,
+            ValueError) as error:
+        raise ValueError(f"{path}: cannot read the run's config: {error}") from error
 
 
 def load_model_config(model_dir: str) -> DualPathConfig:
-    path = os.path.join(model_dir, MODEL_CONFIG_NAME)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {model_dir} is not a dual-path model_dir")
-    with tf.io.gfile.GFile(path, "r") as config_file:
-        values = json.loads(config_file.read())
-    return DualPathConfig(**{
-        name: tuple(value) if isinstance(value, list) else value for name, value in values.items()
-    })
+    """The architecture of the run in model_dir (its config.json's model)."""
+    return load_run_config(model_dir).model
 
 
 def stage_dir(model_dir: str, stage: int) -> str:

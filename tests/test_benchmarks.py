@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from data_prep import shared_data
+from experiments import config_flags
 from experiments.benchmarks import report, train_step
 
+from conftest import tiny_model_flags
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+SHARED_FLICKR8K = shared_data.FLICKR8K_RAW
 IMAGE_SIZE = 32
-TINY_MODEL = [
-    "--backbone=small_cnn", "--alpha=none", "--weights=none", f"--image_size={IMAGE_SIZE}",
-    "--small_cnn_widths=8,16", "--embedding_dim=16", "--text_blocks=1,1", "--text_widths=16,32",
-    "--head_dims=16,16",
-]
+# alpha pinned: the benchmarks' own model defaults are the Flickr8k run's.
+TINY_MODEL_FLAGS = tiny_model_flags(alpha=None)
 REPORT_KEYS = {"benchmark", "machine", "settings", "figures", "ratios", "date"}
 
 
@@ -81,10 +82,11 @@ TRAIN_STEP_RATIOS = {
 }
 
 
+@pytest.mark.subprocess
 def test_train_step_times_the_trainers_steps_and_the_pipeline_fed_by_the_shards(dataset, tmp_path):
     output = tmp_path / "results" / "train_step.json"
-    stdout = run_benchmark("train_step", *TINY_MODEL, "--stage1_loss_weights=0:1:1", "--batch_size=4",
-                           "--warmup_steps=1", "--steps=2", "--pipeline_batches=2",
+    stdout = run_benchmark("train_step", *TINY_MODEL_FLAGS, "--stage1_loss_weights=0:1:1",
+                           "--batch_size=4", "--warmup_steps=1", "--steps=2", "--pipeline_batches=2",
                            f"--shard_dir={dataset.shard_dir}", f"--output_json={output}")
     written = check_report(output, "train_step", TRAIN_STEP_FIGURES, TRAIN_STEP_RATIOS)
     settings = written["settings"]
@@ -112,22 +114,33 @@ def flagfile_values(path: Path) -> dict:
     return values
 
 
-def test_train_step_model_defaults_are_the_flickr8k_run_s():
+def test_benchmarks_read_the_training_flagfile_with_overrides(monkeypatch, capsys):
+    """The benchmarks' model and settings are the training command's, from its flags: by
+    default experiments/configs/flickr8k.flags (the flagfiles it names included), and any
+    training flag on the command line overrides it; an unknown one is an error naming it."""
     parser = argparse.ArgumentParser()
-    train_step.add_model_arguments(parser)
-    defaults = parser.parse_args([])
-    flags = flagfile_values(REPO / "experiments" / "configs" / "flickr8k.flags")
-    for name in ("text_blocks", "text_widths", "head_dims"):
-        assert flags[name] == ",".join(map(str, getattr(defaults, name))), name
-    assert (flags["backbone"], float(flags["dropout"])) == (defaults.backbone, defaults.dropout)
-    assert os.path.relpath(defaults.weights, REPO) == flags["weights"]
+    train_step.add_config_arguments(parser)
+    monkeypatch.setattr(sys, "argv", ["train_step", "--head_dims=8,8", "--stage1_epochs=3"])
+    _, flag_values = train_step.parse_config_flags(parser)
+    model = config_flags.model_settings(flag_values)
+    expected = flagfile_values(REPO / train_step.DEFAULT_CONFIG)
+    assert model["text_blocks"] == tuple(int(part) for part in expected["text_blocks"].split(","))
+    assert (model["backbone"], model["weights"], model["alpha"]) == (
+        expected["backbone"], expected["weights"], float(expected["alpha"]))
+    assert model["head_dims"] == (8, 8) and flag_values.stage1_epochs == 3
+    assert flag_values.stage2_backbone_trainable_blocks == int(expected["stage2_backbone_trainable_blocks"])
+    assert flag_values.shard_dir == train_step.DEFAULT_SHARD_DIR
+    monkeypatch.setattr(sys, "argv", ["train_step", "--no_such_flag=1"])
+    with pytest.raises(SystemExit):
+        train_step.parse_config_flags(parser)
+    assert "no_such_flag" in capsys.readouterr().err
 
 
 def test_train_step_without_shards_says_how_to_build_them_and_times_nothing(tmp_path):
     output = tmp_path / "train_step.json"
     process = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmarks.train_step", *TINY_MODEL, "--batch_size=2",
-         f"--shard_dir={tmp_path / 'no_shards'}", f"--output_json={output}"],
+        [sys.executable, "-m", "experiments.benchmarks.train_step", *TINY_MODEL_FLAGS,
+         "--batch_size=2", f"--shard_dir={tmp_path / 'no_shards'}", f"--output_json={output}"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert process.returncode == 1
     assert f"{tmp_path / 'no_shards'} holds no shards: nothing is timed" in process.stdout
@@ -135,9 +148,10 @@ def test_train_step_without_shards_says_how_to_build_them_and_times_nothing(tmp_
     assert not output.exists()
 
 
+@pytest.mark.subprocess
 def test_export_encode_compares_the_saved_model_with_the_keras_encoders(dataset, tmp_path):
     output = tmp_path / "export_encode.json"
-    stdout = run_benchmark("export_encode", *TINY_MODEL, f"--shard_dir={dataset.shard_dir}",
+    stdout = run_benchmark("export_encode", *TINY_MODEL_FLAGS, f"--shard_dir={dataset.shard_dir}",
                            "--source_format=karpathy", f"--captions={dataset.captions}",
                            f"--image_root={dataset.raw_dir}", "--split_files=", "--max_images=8",
                            "--batch_size=4", f"--output_json={output}")
@@ -159,6 +173,7 @@ def test_export_encode_compares_the_saved_model_with_the_keras_encoders(dataset,
     assert written["settings"]["vocab_size"] == dataset.manifest["vocab_size"]
 
 
+@pytest.mark.subprocess
 def test_data_pipeline_reports_on_a_few_flickr8k_images(tmp_path):
     if not SHARED_FLICKR8K.is_dir():
         pytest.skip(f"{SHARED_FLICKR8K} is absent")
@@ -176,6 +191,7 @@ def test_data_pipeline_reports_on_a_few_flickr8k_images(tmp_path):
     assert written["ratios"]["word2vec_share_of_build_shards"] < 1
 
 
+@pytest.mark.subprocess
 def test_retrieval_metrics_report(tmp_path):
     output = tmp_path / "retrieval_metrics.json"
     stdout = run_benchmark("retrieval_metrics", "--images=50", "--captions=5", f"--output_json={output}")
@@ -202,10 +218,10 @@ def test_write_report_refuses_figures_that_are_not_flat_numbers(tmp_path):
 
 
 def test_reports_name_paths_relative_to_the_repository_or_shared(tmp_path):
-    settings = {"weights": str(report.SHARED / "weights" / "w.h5"),
-                "split_files": f"train={report.SHARED}/a.txt,dev={report.SHARED}/b.txt",
-                "shard_dir": str(report.REPO / "workspace" / "shards"), "other": "/data/x",
-                "sizes": [str(report.REPO / "a"), 3], "batch_size": 32}
+    settings = {"weights": str(shared_data.SHARED / "weights" / "w.h5"),
+                "split_files": f"train={shared_data.SHARED}/a.txt,dev={shared_data.SHARED}/b.txt",
+                "shard_dir": str(shared_data.REPO / "workspace" / "shards"), "other": "/data/x",
+                "sizes": [str(shared_data.REPO / "a"), 3], "batch_size": 32}
     path = tmp_path / "report.json"
     report.write_report(str(path), "train_step", {"steps": 1}, {}, settings)
     assert json.loads(path.read_text())["settings"] == {
@@ -214,16 +230,17 @@ def test_reports_name_paths_relative_to_the_repository_or_shared(tmp_path):
 
 
 def test_committed_results_name_no_path_of_this_checkout():
-    results = [report.REPO / "experiments" / "RESULTS.md", report.REPO / "README.md",
-               *sorted((report.REPO / "experiments" / "results").rglob("*.json"))]
+    results = [shared_data.REPO / "experiments" / "RESULTS.md", shared_data.REPO / "README.md",
+               *sorted((shared_data.REPO / "experiments" / "results").rglob("*.json"))]
     for path in results:
         text = path.read_text(encoding="utf-8")
-        assert str(report.REPO) not in text and str(report.SHARED) not in text, path
+        assert str(shared_data.REPO) not in text and str(shared_data.SHARED) not in text, path
 
 
+@pytest.mark.subprocess
 def test_backbone_finetune_times_the_top_blocks_against_the_whole_backbone(tmp_path):
     output = tmp_path / "backbone_finetune.json"
-    stdout = run_benchmark("backbone_finetune", *TINY_MODEL, "--trainable_blocks=1,0",
+    stdout = run_benchmark("backbone_finetune", *TINY_MODEL_FLAGS, "--trainable_blocks=1,0",
                            "--batch_size=2", "--warmup_steps=1", "--steps=1", f"--output_json={output}")
     written = check_report(
         output, "backbone_finetune",

@@ -8,6 +8,7 @@ sentences tokenized and looked up in Python. Also: bad image bytes, sentences wi
 words, oov="unk", mismatched vocabulary, an existing export folder, and the command.
 """
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -224,6 +225,7 @@ def _expected(trained_run, inputs, checkpoint, flip_images, shift_texts) -> dict
     }
 
 
+@pytest.mark.subprocess
 def test_loads_with_tensorflow_alone_with_the_documented_signatures(loaded_outputs, exported):
     outputs, report = loaded_outputs
     assert report["project_modules"] == []
@@ -237,6 +239,7 @@ def test_loads_with_tensorflow_alone_with_the_documented_signatures(loaded_outpu
                                       outputs[f"{name}/encode_texts"])
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name, checkpoint, flip_images, shift_texts",
                          [("plain", "best", False, False), ("summed", "last", True, True)])
 def test_embeddings_match_the_keras_encoders(loaded_outputs, exported, trained_run, inputs, name,
@@ -270,6 +273,7 @@ def test_export_info_and_vocabulary_asset(exported, trained_run):
 SIGNATURE_NAMES = (*export.SIGNATURES, "serving_default")
 
 
+@pytest.mark.subprocess
 def test_tf1_session_loader_runs_every_signature_as_tf2_does(session_outputs, loaded_outputs, exported):
     """Regression: the session loader (TF Serving's) left the variables the signatures read
     uninitialised: "Could not find variable text_fc2_bn/gamma"."""
@@ -282,6 +286,7 @@ def test_tf1_session_loader_runs_every_signature_as_tf2_does(session_outputs, lo
         assert "Unknown image file format" in report["errors"][name]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("loader", ["tf2", "session"])
 def test_every_signature_returns_float32_0_by_d_on_an_empty_batch(loader, loaded_outputs,
                                                                    session_outputs, exported):
@@ -300,6 +305,7 @@ def _saved_model_cli(*args: str, cwd: Path) -> None:
     assert process.returncode == 0, process.stderr[-3000:]
 
 
+@pytest.mark.subprocess
 def test_saved_model_cli_runs_encode_texts_and_encode_images(exported, inputs, loaded_outputs, tmp_path):
     """The README's serving command as written, and encode_images on JPEG bytes from a .npy."""
     tf2, _ = loaded_outputs
@@ -329,6 +335,7 @@ def test_export_stores_each_variable_once(exported):
         "text_fc2_bn/gamma:0", "text_fc2_bn/moving_mean:0", "word_embedding/embeddings:0"}
 
 
+@pytest.mark.subprocess
 def test_sentences_without_known_words_embed_to_zeros(loaded_outputs):
     outputs, _ = loaded_outputs
     for name in ("plain", "summed"):
@@ -337,6 +344,7 @@ def test_sentences_without_known_words_embed_to_zeros(loaded_outputs):
         assert texts[:len(SENTENCES)].any(axis=1).all(), name
 
 
+@pytest.mark.subprocess
 def test_bad_image_bytes_raise_invalid_argument_naming_the_cause(loaded_outputs):
     _, report = loaded_outputs
     not_an_image, empty, truncated = report["errors"][:3]
@@ -380,11 +388,14 @@ def test_next_version_dir_counts_up_from_numeric_versions(tmp_path):
     assert export.next_version_dir(str(tmp_path)) == str(tmp_path / "export" / "8")
 
 
-def test_command_takes_its_defaults_from_the_runs_flags_json(trained_run, tmp_path):
+@pytest.mark.subprocess
+def test_command_takes_its_defaults_from_the_runs_config(trained_run, tmp_path):
+    """shard_dir and the evaluation settings come from the run's config.json; a flag wins."""
     model_dir = tmp_path / "run"
     shutil.copytree(trained_run.model_dir, model_dir)
-    (model_dir / "flags.json").write_text(json.dumps(
-        {"shard_dir": trained_run.shard_dir, "eval_flip_images": True, "eval_shift_texts": False}))
+    run_layout.save_run_config(dataclasses.replace(
+        run_layout.load_run_config(str(model_dir)), model_dir=str(model_dir),
+        eval_flip_images=True, eval_shift_texts=False))
     process = subprocess.run(
         [sys.executable, "-m", "experiments.export", f"--model_dir={model_dir}",
          "--checkpoint=last", "--shift_texts"],
@@ -398,12 +409,3 @@ def test_command_takes_its_defaults_from_the_runs_flags_json(trained_run, tmp_pa
     assert info["shard_dir"] == trained_run.shard_dir
     assert info["checkpoint"] == str(model_dir / "stage2" / "ckpt-5")
     assert (export_dir / "saved_model.pb").exists()
-
-
-def test_the_runs_flags_json_is_read_or_named_when_unreadable(tmp_path):
-    assert run_layout.read_run_flags(str(tmp_path)) == {}
-    (tmp_path / "flags.json").write_text('{"shard_dir": "/data/shards"}')
-    assert run_layout.read_run_flags(str(tmp_path)) == {"shard_dir": "/data/shards"}
-    (tmp_path / "flags.json").write_text('{"shard_dir": ')
-    with pytest.raises(ValueError, match=f"{tmp_path / 'flags.json'}: cannot read the run's flags"):
-        run_layout.read_run_flags(str(tmp_path))

@@ -15,13 +15,13 @@ cost is the backbone's, whatever the loss):
 
 Every figure is images per second.
 
-The architecture flags are train_step's (default: the Flickr8k config's MobileNetV2).
+The backbone is the training config's, --config and any training flag as train_step takes them
+(default: experiments/configs/flickr8k.flags' MobileNetV2), and so is the batch size.
 
     python -m experiments.benchmarks.backbone_finetune \\
         --output_json=experiments/results/benchmarks/backbone_finetune.json
 """
 import argparse
-import time
 from typing import Callable
 
 import keras
@@ -29,31 +29,38 @@ import numpy as np
 import tensorflow as tf
 
 from dual_path.image_path import build_image_backbone, train_top_of_backbone
+from experiments import config_flags
 from experiments.benchmarks import report, train_step
 
 
 def _blocks(value: str) -> tuple[int, ...]:
-    counts = train_step.int_list(value)
+    """An argparse type: comma-separated block counts >= 0 ("7,2,0")."""
+    try:
+        counts = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        counts = (-1,)
     if any(count < 0 for count in counts):
-        raise argparse.ArgumentTypeError(f"block counts must be >= 0, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated block counts >= 0, got {value!r}")
     return counts
 
 
-def _parse_args() -> argparse.Namespace:
+def _parse_args() -> tuple[argparse.Namespace, dict]:
+    """The benchmark's arguments, and the backbone's settings (DualPathConfig fields) of the
+    training config (--config and any training flag, as train_step takes them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    train_step.add_model_arguments(parser)
+    train_step.add_config_arguments(parser)
     parser.add_argument("--trainable_blocks", type=_blocks, default=(7, 2, 0),
                         help="the last N blocks trained in each timed variant (0: none)")
-    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps (tracing included)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each variant")
     report.add_output_argument(parser)
-    args = parser.parse_args()
-    for name in ("batch_size", "steps", "image_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    args.weights = train_step.resolve_weights(args.weights, parser)
-    return args
+    args, flag_values = train_step.parse_config_flags(parser)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    model = config_flags.model_settings(flag_values)
+    model["weights"] = train_step.runnable_weights(model["weights"])
+    args.batch_size = flag_values.batch_size
+    return args, model
 
 
 def training_step(backbone: keras.Model, images: tf.Tensor) -> Callable[[int], tf.Tensor]:
@@ -77,11 +84,12 @@ def training_step(backbone: keras.Model, images: tf.Tensor) -> Callable[[int], t
 
 
 def main() -> None:
-    args = _parse_args()
-    backbone = build_image_backbone(args.backbone, args.weights, args.image_size, args.alpha,
-                                    args.small_cnn_widths)
+    args, model = _parse_args()
+    backbone = build_image_backbone(model["backbone"], model["weights"], model["image_size"],
+                                    model["alpha"], model["small_cnn_widths"])
+    size = model["image_size"]
     images = tf.constant(np.random.default_rng(0).uniform(
-        0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32"))
+        0, 255, (args.batch_size, size, size, 3)).astype("float32"))
 
     def images_per_s(run_step) -> float:
         return args.steps * args.batch_size / train_step.time_steps(run_step, args.warmup_steps, args.steps)
@@ -99,7 +107,7 @@ def main() -> None:
               for blocks in args.trainable_blocks}
     ratios["forward_inference_over_whole_backbone"] = figures["forward_inference_images_per_s"] / baseline
 
-    print(f"backbone_finetune: {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
+    print(f"backbone_finetune: {model['backbone']} at {size} px, batch {args.batch_size}, "
           f"{args.steps} timed steps each, on {report.describe(report.machine())}")
     print(f"  whole backbone trainable:       {baseline:8.1f} images/s")
     for blocks in args.trainable_blocks:
@@ -109,7 +117,8 @@ def main() -> None:
     print(f"  forward pass, inference mode:   {figures['forward_inference_images_per_s']:8.1f} images/s "
           f"({ratios['forward_inference_over_whole_backbone']:.2f}x)")
     if args.output_json:
-        settings = {**vars(args), "trained_layers": {str(key): value for key, value in trained_layers.items()}}
+        settings = {**vars(args), **model,
+                    "trained_layers": {str(key): value for key, value in trained_layers.items()}}
         report.write_report(args.output_json, "backbone_finetune", figures, ratios, settings)
         print(f"report: {args.output_json}")
 

@@ -1,8 +1,8 @@
 """Times the exported SavedModel's encoders against the Keras model it came from (run by hand).
 
-A dual-path model built from the architecture flags (as experiments.benchmarks.train_step's;
-the weights' values do not change the timing) is wrapped in `dual_path.export.EmbeddingModule`
-with --shard_dir's vocab.txt and manifest (vocabulary size, caption length, oov handling),
+A dual-path model built from a training config (--config and any training flag, as
+experiments.benchmarks.train_step takes them; the weights' values do not change the timing) is
+wrapped in `dual_path.export.EmbeddingModule` with --shard_dir's vocab.txt and manifest (vocabulary size, caption length, oov handling),
 saved with `tf.saved_model.save` and loaded back with `tf.saved_model.load` in the same
 process. Then, on the images and captions of a raw dataset (default: the first --max_images
 images of ../shared's Flickr8k dev split and their captions), in batches of --batch_size,
@@ -27,6 +27,7 @@ ones (the script stops otherwise).
 The defaults take about a minute on 2 CPU cores.
 """
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -35,35 +36,35 @@ from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
 from data_prep import readers
 from data_prep.records import DataFormatError
 from dual_path import embeddings, export, input_pipeline, text
 from dual_path.model import DualPath, build_dual_path
+from experiments import config_flags
 from experiments.benchmarks import report, train_step
 
 MAX_ABS_DIFFERENCE = 1e-4
 """The largest |SavedModel - Keras| embedding difference accepted (unit-length rows)."""
 
 
-def _parse_args() -> argparse.Namespace:
+def _parse_args() -> tuple[argparse.Namespace, flags.FlagValues]:
+    """The benchmark's arguments, and the training flags of --config (as train_step takes them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    train_step.add_model_arguments(parser)
-    parser.add_argument("--shard_dir", default=train_step.DEFAULT_SHARD_DIR,
-                        help="shards whose vocab.txt and manifest.json the export takes")
+    train_step.add_config_arguments(parser)
     report.add_raw_dataset_arguments(parser, splits=("dev",))
     parser.add_argument("--max_images", type=int, default=256,
                         help="images encoded (the first ones); their captions are the texts")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32, help="images or captions per encoder call")
     parser.add_argument("--flip_images", action="store_true", help="export with evaluation's image flip")
     parser.add_argument("--shift_texts", action="store_true", help="export with evaluation's text shifts")
     report.add_output_argument(parser)
-    args = parser.parse_args()
-    for name in ("image_size", "embedding_dim", "max_images", "batch_size"):
+    args, flag_values = train_step.parse_config_flags(parser)
+    for name in ("max_images", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    args.weights = train_step.resolve_weights(args.weights, parser)
-    return args
+    return args, flag_values
 
 
 def _batches(items, batch_size: int) -> list:
@@ -152,8 +153,9 @@ def time_encoders(model: DualPath, module: export.EmbeddingModule, signatures,
 
 
 def main() -> None:
-    args = _parse_args()
-    manifest = train_step.load_manifest_or_explain(args.shard_dir, "there is no vocabulary to export")
+    args, flag_values = _parse_args()
+    shard_dir = flag_values.shard_dir
+    manifest = train_step.load_manifest_or_explain(shard_dir, "there is no vocabulary to export")
     if manifest is None:
         sys.exit(1)
     try:
@@ -170,10 +172,13 @@ def main() -> None:
         sys.exit(f"export_encode: error: cannot read an image: {error}")
     sentences = [caption for record in records for caption in record.captions]
 
-    config = train_step.model_config(args, vocab_size=manifest["vocab_size"],
-                                     num_classes=manifest["num_classes"], max_length=manifest["max_length"])
+    try:
+        config = config_flags.model_config(flag_values, manifest)
+    except ValueError as error:
+        sys.exit(f"export_encode: error: {error}")
+    config = dataclasses.replace(config, weights=train_step.runnable_weights(config.weights))
     model = build_dual_path(config)
-    vocabulary_file = text.vocabulary_path(args.shard_dir)
+    vocabulary_file = text.vocabulary_path(shard_dir)
     module = export.EmbeddingModule(model, vocabulary_file, oov=manifest["oov"],
                                     flip_images=args.flip_images, shift_texts=args.shift_texts)
     with tempfile.TemporaryDirectory(prefix="dual_path_export_") as export_dir:

@@ -10,19 +10,21 @@ to build them). Each dual-path variant gets its own step counter, lr schedule an
 as the trainer feeds its pipeline's. In one run, at the same batch size and image size, on this
 machine's CPU or GPU:
 
-(a) stage II in memory: the whole model trainable (the backbone at lr x0.1), loss weights
-    1:1:1 (ranking loss and both instance losses);
+(a) stage II in memory: the whole model trainable (the backbone at the config's stage II lr
+    multiplier, all of it even where the config fine-tunes only its top: see
+    backbone_finetune.py), the config's stage II loss weights;
 (b) baseline: the image path alone, `build_image_backbone` -> Dense(num_classes) softmax, a plain
-    Keras model compiled with SGD (momentum 0.9, Nesterov) and sparse categorical cross-entropy
-    (jit_compile off, as the dual-path step), timed with `train_on_batch` on the same batch;
+    Keras model compiled with SGD (Nesterov) and sparse categorical cross-entropy at the
+    stage II lr and momentum (jit_compile off, as the dual-path step), timed with
+    `train_on_batch` on the same batch;
     (a)/(b) is the cost of the text path and the shared classifier W;
 (c) stage I on images in memory: the backbone frozen (`backbone.trainable = False`, its
-    BatchNorm statistics too), loss weights --stage1_loss_weights, the batch's images run
+    BatchNorm statistics too), the config's stage I loss weights, the batch's images run
     through the frozen backbone every step;
 (d) the input pipeline: `dual_path.input_pipeline.train_dataset` over --shard_dir alone, then
     fed into the stage II step of (a). pipeline / stage II must be above 1: the pipeline must
     not be the bottleneck;
-(e) stage I on cached features in memory: `StageConfig(feature_views=8, train_backbone=False)`,
+(e) stage I on cached features in memory: the config's stage I with its feature_views,
     the step on {"image_features": float32 [B, F], the frozen backbone's features of the
     batch's images (F = the backbone's output size), "token_ids", "label"}, as the trainer
     feeds it from `dual_path.feature_cache` (the cache's one-off cost is not included);
@@ -35,13 +37,12 @@ machine's CPU or GPU:
 
 Every figure is examples (image-caption pairs) per second.
 
-The architecture flags default to the model of experiments/configs/flickr8k.flags: MobileNetV2
-1.0 at 224 px with ../shared's ImageNet weights, 50-d word vectors (GloVe's), a text CNN of one bottleneck block per
-stage (--text_blocks=1,1,1,1) at half the paper's widths (--text_widths=128,256,512,1024) and
-1024-d heads (--head_dims=1024,1024); the paper's model is --text_blocks=3,4,6,1
---text_widths=256,512,1024,2048 --head_dims=2048,2048. The other trainer settings (lr,
-momentum, weight decay, margin, loss over all negatives) are flickr8k.flags'; they do not change
-the timing.
+The model and the trainer's settings are those of a training flagfile, --config (default
+experiments/configs/flickr8k.flags: MobileNetV2 1.0 at 224 px with ../shared's ImageNet weights,
+random weights where the file is absent; 50-d word vectors, GloVe's; a text CNN of one
+bottleneck block per stage at half the paper's widths; 1024-d heads), read through the same
+flags as the training command (experiments/config_flags.py): any of them given here overrides
+it. Each step runs at its stage's first learning rate; the word embedding starts random.
 
     python -m experiments.benchmarks.train_step
     python -m experiments.benchmarks.train_step --steps=20 --batch_size=64 \\
@@ -49,6 +50,8 @@ the timing.
     python -m experiments.benchmarks.train_step --text_blocks=3,4,6,1 \\
         --text_widths=256,512,1024,2048 --head_dims=2048,2048
     python -m experiments.benchmarks.train_step --backbone=ResNet50 --alpha=none --weights=none
+    python -m experiments.benchmarks.train_step --config=experiments/configs/flickr30k.flags \\
+        --shard_dir=workspace/flickr30k/shards/flickr30k
 
 With the defaults it runs four dual-path steps, two loops and the baseline 13 times each and draws 33
 pipeline batches: minutes on 2 CPU cores.
@@ -64,120 +67,64 @@ from typing import Callable, Iterator, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
+from data_prep import shared_data
 from dual_path import image_path, input_pipeline, training
-from dual_path.model import DualPathConfig
+from dual_path.config import STAGES, DualPathConfig, StageConfig, TrainConfig, to_dict
+from experiments import config_flags
 from experiments.benchmarks import report
 
-SHARED_WEIGHTS = report.SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
 DEFAULT_SHARD_DIR = "workspace/flickr8k/shards/flickr8k_glove"
-BUILD_SHARDS_COMMAND = (
-    "dual-path-build-shards --source_format=flickr_tokens "
-    "--captions=../shared/data/flickr8k/Flickr8k_text/Flickr8k.token.txt "
-    "--image_root=../shared/data/flickr8k/Flicker8k_Dataset "
-    "--split_files=train=../shared/data/flickr8k/Flickr8k_text/Flickr_8k.trainImages.txt,"
-    "dev=../shared/data/flickr8k/Flickr8k_text/Flickr_8k.devImages.txt "
-    "--word2vec=../shared/vectors/glove.6B.50d.top100k.txt "
-    f"--shard_dir={DEFAULT_SHARD_DIR}"
-)
-# The trainer's settings (experiments/configs/flickr8k.flags); they do not change the timing.
-LEARNING_RATE = 0.01
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-MARGIN = 0.2
-HARDEST_NEGATIVE = False
-STAGE2_BACKBONE_LR_MULTIPLIER = 0.1
-STAGE2_LOSS_WEIGHTS = training.LossWeights(rank=1.0, image=1.0, text=1.0)
-FEATURE_VIEWS = 8
-"""Cached augmented views per image of (e); the step's cost does not depend on it."""
+BUILD_SHARDS_COMMAND = shared_data.flickr8k_build_command(DEFAULT_SHARD_DIR)
+DEFAULT_CONFIG = "experiments/configs/flickr8k.flags"
 
 
-def int_list(value: str) -> tuple[int, ...]:
-    """An argparse type: comma-separated integers ("1,2,3") -> (1, 2, 3)."""
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config: the training run whose model and settings a benchmark times. Every other
+    --name=value on the command line is one of that training command's flags
+    (experiments/config_flags.py) and overrides the flagfile; --shard_dir defaults to
+    DEFAULT_SHARD_DIR."""
+    parser.add_argument("--config", action="append", metavar="FLAGFILE",
+                        help=f"training flagfile (repeatable, in order); default {DEFAULT_CONFIG}. "
+                             "Any training flag overrides it, e.g. --text_blocks=3,4,6,1")
+
+
+def parse_config_flags(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, flags.FlagValues]:
+    """The benchmark's own arguments, and the training flags of --config and the overrides."""
+    args, overrides = parser.parse_known_args()
     try:
-        return tuple(int(part) for part in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+        flag_values = config_flags.parse_flagfiles(
+            args.config or [DEFAULT_CONFIG], [f"--shard_dir={DEFAULT_SHARD_DIR}", *overrides])
+    except flags.Error as error:
+        parser.error(str(error))
+    return args, flag_values
 
 
-def _optional_float(value: str) -> float | None:
-    return None if value.lower() == "none" else float(value)
+def runnable_weights(weights: str | None) -> str | None:
+    """The backbone weights to build with: a weights file that is absent (../shared's, on a
+    machine without it) falls back to random weights, said aloud."""
+    if weights in (None, image_path.IMAGENET) or os.path.isfile(weights):
+        return weights
+    print(f"note: {weights} is absent: the backbone has random weights (weights=None)")
+    return None
 
 
-def _loss_weights(value: str) -> str:
-    try:
-        training.LossWeights.parse(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The architecture flags (DualPathConfig's fields); defaults: the Flickr8k run's model
-    (experiments/configs/flickr8k.flags)."""
-    parser.add_argument("--backbone", default="MobileNetV2", help="keras.applications name or small_cnn")
-    parser.add_argument("--alpha", type=_optional_float, default=None,
-                        help="MobileNet width multiplier; 'none' for backbones without one")
-    parser.add_argument("--weights", default=str(SHARED_WEIGHTS),
-                        help="backbone weights file, 'imagenet' or 'none'; default ../shared's "
-                             "MobileNetV2 file, random weights when it is absent")
-    parser.add_argument("--image_size", type=int, default=224, help="input image side in pixels")
-    parser.add_argument("--small_cnn_widths", type=int_list, default=(32, 64, 128, 256))
-    parser.add_argument("--embedding_dim", type=int, default=50, help="word vector size")
-    parser.add_argument("--text_blocks", type=int_list, default=(1, 1, 1, 1),
-                        help="bottleneck blocks per text CNN stage (the paper: 3,4,6,1)")
-    parser.add_argument("--text_widths", type=int_list, default=(128, 256, 512, 1024),
-                        help="text CNN stage widths; the paper's: 256,512,1024,2048")
-    parser.add_argument("--head_dims", type=int_list, default=(1024, 1024),
-                        help="fc sizes of each path's head; the paper's: 2048,2048")
-    parser.add_argument("--dropout", type=float, default=0.0)
-
-
-def resolve_weights(value: str, parser: argparse.ArgumentParser) -> str | None:
-    """The backbone weights DualPathConfig takes; the default file falls back to None, said aloud."""
-    if value.lower() in ("none", ""):
-        return None
-    if value == image_path.IMAGENET or os.path.isfile(value):
-        return value
-    if value == str(SHARED_WEIGHTS):
-        print(f"note: {value} is absent: the backbone has random weights (weights=None)")
-        return None
-    parser.error(f"--weights: {value} does not exist")
-
-
-def model_config(args: argparse.Namespace, *, vocab_size: int, num_classes: int,
-                 max_length: int) -> DualPathConfig:
-    """The DualPathConfig of the architecture flags (args.weights already resolved)."""
-    return DualPathConfig(
-        vocab_size=vocab_size, num_classes=num_classes, max_length=max_length,
-        backbone=args.backbone, weights=args.weights, image_size=args.image_size, alpha=args.alpha,
-        small_cnn_widths=args.small_cnn_widths, embedding_dim=args.embedding_dim,
-        text_blocks=args.text_blocks, text_widths=args.text_widths, head_dims=args.head_dims,
-        dropout=args.dropout)
-
-
-def _parse_args() -> argparse.Namespace:
+def _parse_args() -> tuple[argparse.Namespace, flags.FlagValues]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser)
-    parser.add_argument("--stage1_loss_weights", type=_loss_weights, default="1:1:1",
-                        help="rank:image:text of (c) and (e); the paper's stage I: 0:1:1")
-    parser.add_argument("--batch_size", type=int, default=32)
+    add_config_arguments(parser)
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps (tracing included)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
-    parser.add_argument("--shard_dir", default=DEFAULT_SHARD_DIR,
-                        help="shards: the model's sizes (manifest.json) and the pipeline of (d)")
     parser.add_argument("--pipeline_warmup_batches", type=int, default=3)
     parser.add_argument("--pipeline_batches", type=int, default=30, help="timed pipeline batches alone")
-    parser.add_argument("--seed", type=int, default=0)
     report.add_output_argument(parser)
-    args = parser.parse_args()
-    for name in ("image_size", "embedding_dim", "batch_size", "warmup_steps", "steps", "pipeline_batches"):
+    args, flag_values = parse_config_flags(parser)
+    for name in ("warmup_steps", "steps", "pipeline_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.pipeline_warmup_batches < 0:
         parser.error("--pipeline_warmup_batches must be >= 0")
-    args.weights = resolve_weights(args.weights, parser)
-    return args
+    return args, flag_values
 
 
 def random_batch(config: DualPathConfig, batch_size: int, seed: int) -> dict:
@@ -204,7 +151,7 @@ def repeated(trainer: training.Trainer, batch: dict) -> Iterator:
     return iter(trainer.strategy.experimental_distribute_dataset(dataset))
 
 
-def trainer_step(trainer: training.Trainer, stage: training.StageConfig) -> Callable[[Iterator], dict]:
+def trainer_step(trainer: training.Trainer, stage: StageConfig) -> Callable[[Iterator], dict]:
     """`trainer.make_train_step` of `stage`, with a fresh step counter, schedule and optimizer.
 
     `Trainer.prepare_stage` freezes or unfreezes the backbone as the stage says; the returned
@@ -214,8 +161,9 @@ def trainer_step(trainer: training.Trainer, stage: training.StageConfig) -> Call
     return trainer.make_train_step(stage, optimizer, schedule, step)
 
 
-def image_only_classifier(config: DualPathConfig) -> keras.Model:
-    """The baseline: the same backbone -> Dense(num_classes, softmax), compiled for train_on_batch."""
+def image_only_classifier(config: DualPathConfig, learning_rate: float, momentum: float) -> keras.Model:
+    """The baseline: the same backbone -> Dense(num_classes, softmax), compiled for train_on_batch
+    with Keras SGD (Nesterov) at the trainer's learning rate and momentum."""
     backbone = image_path.build_image_backbone(config.backbone, config.weights, config.image_size,
                                                config.alpha, config.small_cnn_widths)
     images = keras.Input(shape=(config.image_size, config.image_size, 3), dtype="float32", name="image")
@@ -223,7 +171,7 @@ def image_only_classifier(config: DualPathConfig) -> keras.Model:
                                        name="classifier")(backbone(images))
     classifier = keras.Model(images, probabilities, name="image_only")
     classifier.compile(
-        optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM, nesterov=True),
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True),
         loss="sparse_categorical_crossentropy", jit_compile=False)
     return classifier
 
@@ -250,7 +198,7 @@ def time_trainer_step(step: Callable[[Iterator], dict], batches: Iterator, warmu
     return time_steps(lambda _: step(batches)["loss"], warmup, steps)
 
 
-def time_trainer_loop(trainer: training.Trainer, stage: training.StageConfig, batches: Iterator,
+def time_trainer_loop(trainer: training.Trainer, stage: StageConfig, batches: Iterator,
                       warmup: int, steps: int) -> float:
     """Seconds of `steps` steps of the trainer's loop (`Trainer.make_train_loop` of `stage`, with
     a fresh step counter, schedule and optimizer) on `batches`, after `warmup` untimed steps."""
@@ -317,31 +265,42 @@ def _row(name: str, examples_per_s: float, ratio_text: str = "") -> str:
     return f"{name:<66}{examples_per_s:>12.1f}  {ratio_text}"
 
 
+def benchmark_stages(tree: TrainConfig) -> tuple[StageConfig, StageConfig, StageConfig]:
+    """(stage II with the whole backbone trainable, stage I on images, stage I on cached
+    features) of the tree's stages, one epoch each; the trainer's lr is each stage's first.
+    Stage II trains the whole backbone whatever the config's partial fine-tuning
+    (backbone_finetune.py times that), so that (a)/(b) compares like with like."""
+    stage1, stage2 = tree.stages
+    stage2 = dataclasses.replace(stage2, epochs=1, lr_boundaries=(), lr_values=stage2.lr_values[:1],
+                                 backbone_trainable_blocks=None, backbone_trainable_from=None)
+    stage1_images = dataclasses.replace(stage1, epochs=1, lr_boundaries=(),
+                                        lr_values=stage1.lr_values[:1], feature_views=0)
+    stage1_features = dataclasses.replace(stage1_images, feature_views=stage1.feature_views or 1)
+    return stage2, stage1_images, stage1_features
+
+
 def main() -> None:
-    args = _parse_args()
-    manifest = load_manifest_or_explain(args.shard_dir, "nothing is timed (the trainer needs them)")
+    args, flag_values = _parse_args()
+    shard_dir = flag_values.shard_dir
+    manifest = load_manifest_or_explain(shard_dir, "nothing is timed (the trainer needs them)")
     if manifest is None:
         sys.exit(1)
-    keras.utils.set_random_seed(args.seed)
-    config = model_config(args, vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"],
-                          max_length=manifest["max_length"])
-    stage2 = training.StageConfig(
-        stage=2, epochs=1, lr_values=(LEARNING_RATE,), lr_boundaries=(),
-        loss_weights=STAGE2_LOSS_WEIGHTS, train_backbone=True,
-        backbone_lr_multiplier=STAGE2_BACKBONE_LR_MULTIPLIER)
-    stage1_images = training.StageConfig(
-        stage=1, epochs=1, lr_values=(LEARNING_RATE,), lr_boundaries=(),
-        loss_weights=training.LossWeights.parse(args.stage1_loss_weights), train_backbone=False)
-    stage1_features = dataclasses.replace(stage1_images, feature_views=FEATURE_VIEWS)
     with tempfile.TemporaryDirectory() as model_dir:
-        trainer = training.Trainer(training.TrainConfig(
-            model_dir=model_dir, shard_dir=args.shard_dir, model=config,
-            stages=(stage1_images, stage2), batch_size=args.batch_size, seed=args.seed,
-            margin=MARGIN, hardest_negative=HARDEST_NEGATIVE, momentum=MOMENTUM,
-            weight_decay=WEIGHT_DECAY, word_embedding_init="random"))
-    batch, warmup, steps = args.batch_size, args.warmup_steps, args.steps
+        flag_values.model_dir = model_dir
+        try:
+            tree = config_flags.train_config(flag_values, STAGES)
+        except ValueError as error:
+            sys.exit(f"train_step: error: {error}")
+        tree = dataclasses.replace(
+            tree, word_embedding_init="random",
+            model=dataclasses.replace(tree.model, weights=runnable_weights(tree.model.weights)))
+        keras.utils.set_random_seed(tree.seed)
+        stage2, stage1_images, stage1_features = benchmark_stages(tree)
+        trainer = training.Trainer(dataclasses.replace(tree, stages=(stage1_images, stage2)))
+    config = tree.model
+    batch, warmup, steps = tree.batch_size, args.warmup_steps, args.steps
     examples = batch * steps
-    images_batch = random_batch(config, batch, args.seed)
+    images_batch = random_batch(config, batch, tree.seed)
     features_batch = {"image_features": trainer.model.backbone(images_batch["image"], training=False),
                       "token_ids": images_batch["token_ids"], "label": images_batch["label"]}
 
@@ -353,7 +312,7 @@ def main() -> None:
                examples / time_trainer_step(stage2_step, repeated(trainer, images_batch), warmup, steps)}
     figures.update(time_input_pipeline(args, trainer, stage2_step))
 
-    classifier = image_only_classifier(config)
+    classifier = image_only_classifier(config, stage2.lr_values[0], tree.momentum)
     figures["image_only_examples_per_s"] = examples / time_steps(
         lambda _: classifier.train_on_batch(images_batch["image"], images_batch["label"]), warmup, steps)
 
@@ -388,8 +347,8 @@ def main() -> None:
     print(f"{config.backbone} (alpha {config.alpha}, weights {config.weights}) at {config.image_size} px "
           f"({features_batch['image_features'].shape[-1]}-d features), text blocks {config.text_blocks} "
           f"widths {config.text_widths}, head {config.head_dims}, {config.num_classes} classes, "
-          f"vocabulary {config.vocab_size}, L {config.max_length} (from {args.shard_dir}); "
-          f"stage I loss weights {args.stage1_loss_weights}; batch {batch}, "
+          f"vocabulary {config.vocab_size}, L {config.max_length} (from {shard_dir}); "
+          f"stage I loss weights {stage1_images.loss_weights}; batch {batch}, "
           f"{steps} timed steps after {warmup}; "
           f"{dual_path_parameters:,} trainable dual-path parameters in stage II")
     print(f"{'':<66}{'examples/s':>12}  ratio")
@@ -399,7 +358,7 @@ def main() -> None:
                f"(a)/(b) {ratios['dual_path_stage2_over_image_only']:.2f}"))
     print(_row("(c) trainer's stage I step on images through the frozen backbone",
                stage1_images_rate, f"(c)/(a) {ratios['dual_path_stage1_images_over_stage2']:.2f}"))
-    print(_row(f"(d) train_dataset alone over {args.shard_dir}", figures["input_pipeline_examples_per_s"],
+    print(_row(f"(d) train_dataset alone over {shard_dir}", figures["input_pipeline_examples_per_s"],
                f"(d)/(a) {ratios['input_pipeline_over_dual_path_stage2']:.2f}"))
     print(_row("    train_dataset fed into the stage II step", figures["pipeline_fed_stage2_examples_per_s"],
                f"fed/(a) {ratios['pipeline_fed_over_in_memory_stage2']:.2f}"))
@@ -415,11 +374,11 @@ def main() -> None:
         print("WARNING: the input pipeline is slower than the train step: it is the bottleneck")
 
     if args.output_json:
-        settings = {**vars(args), "vocab_size": config.vocab_size, "num_classes": config.num_classes,
-                    "max_length": config.max_length, "dual_path_trainable_parameters": dual_path_parameters,
-                    "learning_rate": LEARNING_RATE, "margin": MARGIN, "hardest_negative": HARDEST_NEGATIVE,
-                    "stage2_backbone_lr_multiplier": STAGE2_BACKBONE_LR_MULTIPLIER,
-                    "feature_views": FEATURE_VIEWS, "steps_per_loop": trainer.config.steps_per_loop}
+        run_settings = {name: value for name, value in to_dict(tree).items()
+                        if name not in ("model", "model_dir")}
+        settings = {**vars(args), **to_dict(config), **run_settings,
+                    "dual_path_trainable_parameters": dual_path_parameters,
+                    "timed_stages": [to_dict(stage) for stage in (stage2, stage1_images, stage1_features)]}
         report.write_report(args.output_json, "train_step", figures, ratios, settings)
 
 
