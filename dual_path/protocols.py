@@ -9,7 +9,8 @@
               query's person id a match (person ids: the shards' "label")
 
 A protocol is a `Protocol` in `PROTOCOLS`; `auto_protocol` picks one from the
-manifest's dataset name and the split's size. Inputs are `SplitScores`.
+manifest's dataset name and the split's size. Inputs are `SplitScores`. Training validates
+with `retrieval_protocol(folds)`: the same retrieval metrics on any split size.
 """
 import dataclasses
 import functools
@@ -43,41 +44,13 @@ class SplitScores(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """name: its --protocol value. expected_images: the split size it is published on
-    (None: any). metrics: SplitScores -> {metric name: float}. table: metrics -> text."""
+    (None: any). metrics: SplitScores -> {metric name: float} (R@K, top-K and mAP in
+    percent, ranks from 1; experiments/tables.py prints them)."""
 
     name: str
     description: str
     expected_images: int | None
     metrics: Callable[[SplitScores], dict]
-    table: Callable[[dict], str]
-
-
-RETRIEVAL_COLUMNS = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"),
-                     ("meanr", "meanr"))
-RETRIEVAL_DIRECTIONS = (("image->text", "i2t"), ("text->image", "t2i"))
-PERSON_SEARCH_COLUMNS = (("top-1", "t2i_top1"), ("top-5", "t2i_top5"), ("top-10", "t2i_top10"),
-                         ("mAP", "t2i_map"))
-
-
-def _row(label: str, values) -> str:
-    return f"{label:<13}" + "".join(f"{value:>9}" for value in values)
-
-
-def retrieval_table(metrics: dict) -> str:
-    """R@1/5/10 (percent), medr and meanr of both directions, one row each, then rsum."""
-    lines = [_row("", [header for header, _ in RETRIEVAL_COLUMNS])]
-    for label, prefix in RETRIEVAL_DIRECTIONS:
-        lines.append(_row(label, [f"{metrics[f'{prefix}_{key}']:.2f}"
-                                  for _, key in RETRIEVAL_COLUMNS]))
-    lines.append(_row("rsum", [f"{metrics['rsum']:.2f}"]))
-    return "\n".join(lines)
-
-
-def person_search_table(metrics: dict) -> str:
-    """top-1/5/10 and mAP (percent) of text -> image person search."""
-    return "\n".join([_row("", [header for header, _ in PERSON_SEARCH_COLUMNS]),
-                      _row("text->image", [f"{metrics[key]:.2f}"
-                                           for _, key in PERSON_SEARCH_COLUMNS])])
 
 
 def _retrieval(folds: int, scores: SplitScores) -> dict:
@@ -95,14 +68,25 @@ def _person_search(scores: SplitScores) -> dict:
 
 PROTOCOLS = {protocol.name: protocol for protocol in (
     Protocol("flickr_1k", "all images against all their captions (Flickr: 1,000 test images)",
-             1000, functools.partial(_retrieval, 1), retrieval_table),
+             1000, functools.partial(_retrieval, 1)),
     Protocol("coco_1k", "5 folds of 1,000 images against their own captions, averaged",
-             COCO_1K_IMAGES, functools.partial(_retrieval, COCO_1K_FOLDS), retrieval_table),
+             COCO_1K_IMAGES, functools.partial(_retrieval, COCO_1K_FOLDS)),
     Protocol("coco_5k", "all 5,000 MSCOCO test images against all their captions",
-             COCO_1K_IMAGES, functools.partial(_retrieval, 1), retrieval_table),
+             COCO_1K_IMAGES, functools.partial(_retrieval, 1)),
     Protocol("cuhk_pedes", "text -> image person search, top-K and mAP by person id",
-             None, _person_search, person_search_table),
+             None, _person_search),
 )}
+
+
+def retrieval_protocol(folds: int) -> Protocol:
+    """Retrieval on a split of any size in `folds` consecutive folds of its images, each
+    against its own captions, the metrics averaged: what training validates with
+    (--eval_folds); flickr_1k's computation for 1 fold, coco_1k's for 5."""
+    if folds < 1:
+        raise ValueError(f"folds must be positive, got {folds}")
+    return Protocol(f"retrieval_{folds}_folds",
+                    f"the split's images in {folds} folds against their own captions, averaged",
+                    None, functools.partial(_retrieval, folds))
 
 
 def get_protocol(name: str) -> Protocol:

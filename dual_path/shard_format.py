@@ -18,6 +18,7 @@ CUHK-PEDES, a dense person id (0..K-1 in sorted id order within the split) share
 person's images; evaluation uses the latter to match any image of the same person.
 """
 import os
+from typing import Sequence
 
 import tensorflow as tf
 
@@ -132,3 +133,20 @@ def parse_caption_example(serialized: tf.Tensor) -> dict:
     parsed = tf.io.parse_single_example(serialized, CAPTION_FEATURES)
     parsed[CAPTION_TOKEN_IDS] = tf.sparse.to_dense(parsed[CAPTION_TOKEN_IDS])
     return parsed
+
+
+def read_encoded_images(shard_dir: str, split: str, indices: Sequence[int]) -> dict[int, bytes]:
+    """{image index: the encoded image (JPEG bytes)} of the given image indices of a split,
+    from one scan of its image shards that stops once every index is found. An index the
+    split does not have is absent from the result."""
+    wanted = {int(index) for index in indices}
+    found: dict[int, bytes] = {}
+    batches = (tf.data.TFRecordDataset(shard_files(shard_dir, split, IMAGES))
+               .map(parse_image_example).batch(256))
+    for batch in batches:
+        for index, encoded in zip(batch[IMAGE_INDEX].numpy(), batch[IMAGE_ENCODED].numpy()):
+            if int(index) in wanted:
+                found[int(index)] = encoded
+        if len(found) == len(wanted):
+            break
+    return found

@@ -19,7 +19,10 @@ import tensorflow as tf
 from data_prep import build_shards
 from data_prep.readers import read_source
 from dual_path import feature_cache, input_pipeline, text, training
-from dual_path.model import DualPathConfig, build_dual_path
+from dual_path.config import DualPathConfig, TrainConfig
+from dual_path.model import build_dual_path
+
+from conftest import tiny_model, tiny_stage
 
 IMAGE_SIZE = 32
 NUM_TRAIN = 24
@@ -33,12 +36,8 @@ def shard_dir(synthetic_shards) -> str:
 
 
 def model_config(shard_dir: str) -> DualPathConfig:
-    manifest = json.loads(Path(shard_dir, "manifest.json").read_text())
-    return DualPathConfig(
-        vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"],
-        max_length=manifest["max_length"], backbone="small_cnn", weights=None,
-        image_size=IMAGE_SIZE, small_cnn_widths=(8, 16), embedding_dim=16, text_blocks=(1, 1),
-        text_widths=(16, 32), head_dims=(16, 16), dropout=0.5)
+    """The tiny model sized by the shards in shard_dir."""
+    return tiny_model(json.loads(Path(shard_dir, "manifest.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -187,25 +186,17 @@ def test_shards_of_the_same_images_with_other_word_vectors_share_a_cache_key(mod
 
 def test_cached_features_need_a_frozen_backbone(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="frozen backbone"):
-        training.TrainConfig(
+        TrainConfig(
             model_dir=str(tmp_path), shard_dir=shard_dir, model=model_config(shard_dir),
-            stages=[training.StageConfig(stage=1, epochs=1, lr_values=(0.1,), lr_boundaries=(),
-                                         loss_weights=training.LossWeights.parse("0:1:1"),
-                                         train_backbone=True, feature_views=4)])
+            stages=[tiny_stage(1, train_backbone=True, feature_views=4)])
 
 
 def test_stage1_on_cached_features_trains_and_hands_over_to_stage2(shard_dir, tmp_path):
-    def stage(number, epochs, weights):
-        return training.StageConfig(stage=number, epochs=epochs, lr_values=(0.1 if number == 1 else 0.01,),
-                                    lr_boundaries=(),
-                                    loss_weights=training.LossWeights.parse(weights),
-                                    train_backbone=number == 2, feature_views=VIEWS if number == 1 else 0)
-
-    config = training.TrainConfig(
+    config = TrainConfig(
         model_dir=str(tmp_path / "run"), shard_dir=shard_dir, model=model_config(shard_dir),
-        stages=[stage(1, 8, "0:1:1"), stage(2, 1, "1:1:1")], batch_size=BATCH, log_every_steps=3,
-        eval_flip_images=False, projector_images=4, validate_every_epochs=8,
-        feature_cache_dir=str(tmp_path / "cache"))
+        stages=[tiny_stage(1, epochs=8, feature_views=VIEWS), tiny_stage(2, lr_values=(0.01,))],
+        batch_size=BATCH, log_every_steps=3, eval_flip_images=False, projector_images=4,
+        validate_every_epochs=8, feature_cache_dir=str(tmp_path / "cache"))
     trainer = training.Trainer(config)
     backbone_before = [weight.numpy().copy() for weight in trainer.model.backbone.weights]
     trainer.run_stage(config.stages[0])
@@ -229,12 +220,9 @@ def test_stage1_on_cached_features_trains_and_hands_over_to_stage2(shard_dir, tm
 
 def test_random_word_init_ignores_the_word2vec_vectors(shard_dir, tmp_path):
     def embedding(word_init):
-        config = training.TrainConfig(
+        config = TrainConfig(
             model_dir=str(tmp_path / word_init), shard_dir=shard_dir, model=model_config(shard_dir),
-            stages=[training.StageConfig(stage=1, epochs=1, lr_values=(0.1,), lr_boundaries=(),
-                                         loss_weights=training.LossWeights.parse("0:1:1"),
-                                         train_backbone=False)],
-            batch_size=BATCH, word_embedding_init=word_init)
+            stages=[tiny_stage(1)], batch_size=BATCH, word_embedding_init=word_init)
         return training.Trainer(config).model.text_cnn.get_layer("word_embedding").embeddings.numpy()
 
     word2vec = np.load(text.word2vec_init_path(shard_dir))

@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from dual_path import instance_classifier, instance_health, losses, optimization, training
+from dual_path.config import TrainConfig
 from dual_path.model import SHARED_CLASSIFIER, build_dual_path
 
 from test_training import stage, tiny_config
@@ -265,7 +266,7 @@ def test_no_health_warning_for_a_path_whose_loss_is_not_trained(shard_dir, tmp_p
     assert not [message for message in warnings_logged if "is not learning" in message]
 
 
-def with_classifier(config: training.TrainConfig, classifier: str) -> training.TrainConfig:
+def with_classifier(config: TrainConfig, classifier: str) -> TrainConfig:
     """config with its model's classifier set (a cosine one at scale 16)."""
     return dataclasses.replace(config, model=dataclasses.replace(
         config.model, classifier=classifier, classifier_scale=16.0))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dual_path import run_layout, training
+from dual_path import run_layout, tensorboard_extras
 
 STARTUP_SECONDS = 120
 STAGE_RUNS = ("stage1/validation", "stage2/validation")
@@ -76,12 +76,13 @@ def tensorboard(trained_run, tmp_path_factory):
         process.wait(timeout=30)
 
 
+@pytest.mark.subprocess
 def test_projector_lists_each_stages_validation_embeddings_with_their_captions(tensorboard, trained_run):
     assert sorted(tensorboard.json("/data/plugin/projector/runs")) == list(STAGE_RUNS)
     for run in STAGE_RUNS:
         config = tensorboard.json("/data/plugin/projector/info", run=run)
         (embedding,) = config["embeddings"]
-        assert embedding["tensorName"] == training.PROJECTOR_TENSOR
+        assert embedding["tensorName"] == tensorboard_extras.PROJECTOR_TENSOR
         rows, width = (int(size) for size in embedding["tensorShape"])
         assert width == run_layout.load_model_config(trained_run.model_dir).head_dims[-1]
         values = np.frombuffer(tensorboard.get("/data/plugin/projector/tensor", run=run,
@@ -97,6 +98,7 @@ def test_projector_lists_each_stages_validation_embeddings_with_their_captions(t
         assert all(caption.strip() for caption in captions)
 
 
+@pytest.mark.subprocess
 def test_scalars_and_images_are_listed_and_stage2_follows_stage1_on_one_step_axis(
         tensorboard, trained_run):
     scalars = tensorboard.json("/data/plugin/scalars/tags")

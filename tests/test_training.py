@@ -6,7 +6,6 @@ MirroredStrategy on two logical CPUs (its own process); resume after SIGKILL of
 experiments/train.py mid-stage, with finished stages not trained again and the final weights
 of an uninterrupted run; steps_per_loop.
 """
-import dataclasses
 import json
 import os
 import signal
@@ -20,8 +19,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dual_path import embeddings, evaluation, run_layout, training
-from dual_path.model import DualPathConfig
+from dual_path import checkpointing, embeddings, evaluation, losses, run_layout, training
+from dual_path.config import TrainConfig
+
+from conftest import tiny_model, tiny_model_flags
+from conftest import tiny_stage as stage  # test_instance_loss.py imports stage and tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -29,13 +31,9 @@ BATCH = 8
 NUM_TRAIN = 40  # 5 steps per epoch
 STEPS_PER_EPOCH = NUM_TRAIN // BATCH
 
-# The same tiny architecture as flags (for experiments/train.py) and as a config.
-TINY_FLAGS = [
-    "--backbone=small_cnn", "--weights=none", f"--image_size={IMAGE_SIZE}",
-    "--small_cnn_widths=8,16", "--embedding_dim=16", "--text_blocks=1,1", "--text_widths=16,32",
-    "--head_dims=16,16", "--dropout=0.5", f"--batch_size={BATCH}", "--log_every_steps=1",
-    "--noeval_flip_images",
-]
+# tiny_config's run as flags of experiments/train.py, but a log line every step.
+TINY_FLAGS = [*tiny_model_flags(), f"--batch_size={BATCH}", "--log_every_steps=1",
+              "--noeval_flip_images"]
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +42,16 @@ def shard_dir(synthetic_shards) -> str:
     return synthetic_shards("data", num_train=NUM_TRAIN, num_val=12, image_size=IMAGE_SIZE, seed=0).shard_dir
 
 
-def tiny_config(shard_dir, model_dir, stages, **overrides) -> training.TrainConfig:
-    manifest = json.loads(Path(shard_dir, "manifest.json").read_text())
-    model = DualPathConfig(
-        vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"],
-        max_length=manifest["max_length"], backbone="small_cnn", weights=None,
-        image_size=IMAGE_SIZE, small_cnn_widths=(8, 16), embedding_dim=16, text_blocks=(1, 1),
-        text_widths=(16, 32), head_dims=(16, 16), dropout=0.5)
+def tiny_config(shard_dir, model_dir, stages, **overrides) -> TrainConfig:
+    """The tiny model on the shards in shard_dir, batches of 8, a log line every 5 steps,
+    evaluation without the image flip (the captions say left and right), 4 projector images;
+    overrides replace any TrainConfig field."""
+    model = tiny_model(json.loads(Path(shard_dir, "manifest.json").read_text()))
     options = dict(model_dir=str(model_dir), shard_dir=shard_dir, model=model, stages=stages,
                    batch_size=BATCH, log_every_steps=5, eval_flip_images=False,
                    projector_images=4)
     options.update(overrides)
-    return training.TrainConfig(**options)
-
-
-def stage(number, epochs=1, lr_values=(0.1,), lr_boundaries=(), weights="0:1:1"):
-    return training.StageConfig(
-        stage=number, epochs=epochs, lr_values=lr_values, lr_boundaries=lr_boundaries,
-        loss_weights=training.LossWeights.parse(weights), train_backbone=number == 2,
-        backbone_lr_multiplier=1.0)
+    return TrainConfig(**options)
 
 
 def snapshot(variables) -> dict:
@@ -74,8 +63,7 @@ def changed(before: dict, after: dict) -> set:
 
 
 def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shard_dir, tmp_path):
-    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run",
-                                           [stage(1), stage(2, weights="1:1:1")]))
+    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), stage(2)]))
     backbone = trainer.model.backbone
     moving = [v for v in backbone.weights if "moving_" in v.path]
     kernels = [v for v in backbone.weights if v.path.endswith("kernel")]
@@ -105,9 +93,8 @@ def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shar
 def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_dir, tmp_path):
     """Only small_cnn's block 2 trains in stage II: block 1 keeps its weights and its BN moving
     statistics; the BN scales and the first conv's kernel get their own lr multipliers."""
-    partial = dataclasses.replace(stage(2, weights="1:1:1"), backbone_lr_multiplier=0.02,
-                                  backbone_bn_lr_multiplier=0.001, first_conv_lr_multiplier=1e-4,
-                                  backbone_trainable_blocks=1)
+    partial = stage(2, backbone_lr_multiplier=0.02, backbone_bn_lr_multiplier=0.001,
+                    first_conv_lr_multiplier=1e-4, backbone_trainable_blocks=1)
     trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), partial]))
     trainer.run_stage(trainer.config.stages[0])
     backbone = trainer.model.backbone
@@ -126,8 +113,7 @@ def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_
 
 def test_stage2_multipliers_of_the_whole_backbone(shard_dir, tmp_path):
     """The first conv's kernel at its own multiplier, BN at the backbone's when not given."""
-    whole = dataclasses.replace(stage(2, weights="1:1:1"), backbone_lr_multiplier=0.02,
-                                first_conv_lr_multiplier=1e-4)
+    whole = stage(2, backbone_lr_multiplier=0.02, first_conv_lr_multiplier=1e-4)
     trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [whole]))
     trainer.model.backbone.trainable = True
     multipliers = trainer._lr_multipliers(whole)
@@ -138,7 +124,7 @@ def test_stage2_multipliers_of_the_whole_backbone(shard_dir, tmp_path):
 def test_stage2_with_no_block_to_train_keeps_the_whole_backbone(shard_dir, tmp_path):
     """--stage2_backbone_trainable_blocks=0: stage II trains the heads and the text path on
     fresh crops, the backbone frozen with its BN statistics (the no-fine-tuning ablation)."""
-    frozen = dataclasses.replace(stage(2, weights="1:1:1"), backbone_trainable_blocks=0)
+    frozen = stage(2, backbone_trainable_blocks=0)
     trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), frozen]))
     trainer.run_stage(trainer.config.stages[0])
     before = snapshot(trainer.model.backbone.weights)
@@ -156,14 +142,14 @@ def test_stage2_with_no_block_to_train_keeps_the_whole_backbone(shard_dir, tmp_p
     (dict(backbone_trainable_blocks=1, backbone_trainable_from="small_cnn_bn2"), "not both"),
 ])
 def test_a_top_of_the_backbone_it_lacks_fails_before_training(shard_dir, tmp_path, top, message):
-    wrong = dataclasses.replace(stage(2, weights="1:1:1"), **top)
+    wrong = stage(2, **top)
     with pytest.raises(ValueError, match=message):
         training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), wrong]))
     assert not (tmp_path / "run" / "stage1").exists()
 
 
 def test_a_frozen_stage_with_a_top_to_train_is_refused(shard_dir, tmp_path):
-    frozen = dataclasses.replace(stage(1), backbone_trainable_blocks=1)
+    frozen = stage(1, backbone_trainable_blocks=1)
     with pytest.raises(ValueError, match="stage 1: the top of the backbone to train .* freezes"):
         tiny_config(shard_dir, tmp_path / "run", [frozen])
 
@@ -242,8 +228,7 @@ def test_a_non_finite_loss_inside_a_loop_stops_at_its_step(shard_dir, tmp_path):
 
 
 def test_mixed_precision_trains_both_stages_with_finite_results(shard_dir, tmp_path):
-    config = tiny_config(shard_dir, tmp_path / "run", [stage(1), stage(2, weights="1:1:1")],
-                         mixed_precision=True)
+    config = tiny_config(shard_dir, tmp_path / "run", [stage(1), stage(2)], mixed_precision=True)
     results = training.train(config)
     assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
     assert all(np.isfinite(value) for value in results["metrics"]["val"].values())
@@ -262,13 +247,14 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from dual_path import training
     logging.set_verbosity(logging.INFO)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    config = tiny_config({shard_dir!r}, {model_dir!r}, [stage(1), stage(2, weights="1:1:1")])
+    config = tiny_config({shard_dir!r}, {model_dir!r}, [stage(1), stage(2)])
     results = training.train(config, strategy)
     print("RESULT", json.dumps({{"replicas": strategy.num_replicas_in_sync,
                                  "rsum": results["metrics"]["val"]["rsum"]}}))
 """)
 
 
+@pytest.mark.subprocess
 def test_mirrored_strategy_on_two_logical_cpus_trains(shard_dir, tmp_path):
     script = MIRRORED_SCRIPT.format(tests=str(REPO / "tests"), shard_dir=shard_dir,
                                     model_dir=str(tmp_path / "run"))
@@ -282,6 +268,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains(shard_dir, tmp_path):
     assert done["step"] == STEPS_PER_EPOCH
 
 
+@pytest.mark.subprocess
 def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path):
     model_dir = tmp_path / "run"
     command = [sys.executable, "-m", "experiments.train", f"--shard_dir={shard_dir}",
@@ -306,7 +293,7 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path)
     assert first.returncode == -signal.SIGKILL, "".join(first_log[-30:])
     assert (model_dir / "stage1" / run_layout.DONE_MARKER).exists()
     assert not (model_dir / "stage2" / run_layout.DONE_MARKER).exists()
-    assert (model_dir / "flags.txt").exists() and (model_dir / "flags.json").exists()
+    assert (model_dir / "flags.txt").exists() and (model_dir / run_layout.RUN_CONFIG_NAME).exists()
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment,
                             timeout=300)
@@ -344,7 +331,7 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(shard_dir, tmp_path)
 
 
 def test_restored_model_reproduces_the_final_results(shard_dir, tmp_path):
-    """run_layout.restore rebuilds the model from model_config.json and the chosen checkpoint:
+    """run_layout.restore rebuilds the model from config.json and the chosen checkpoint:
     evaluated again, it gives exactly the metrics the trainer reported."""
     model_dir = str(tmp_path / "run")
     config = tiny_config(shard_dir, model_dir, [stage(1)])
@@ -379,13 +366,13 @@ def test_final_results_of_the_last_checkpoint_reuse_its_validation(shard_dir, tm
     weights: the results reuse it (one embedding pass of the split, not two) and equal a fresh
     evaluation of the restored model."""
     embedded = []
-    original = training.Trainer.split_embeddings
+    original = embeddings.SplitEmbedder.__call__
 
-    def counting(self, split):
+    def counting(self, shard_dir, split):
         embedded.append(split)
-        return original(self, split)
+        return original(self, shard_dir, split)
 
-    monkeypatch.setattr(training.Trainer, "split_embeddings", counting)
+    monkeypatch.setattr(embeddings.SplitEmbedder, "__call__", counting)
     model_dir = str(tmp_path / "run")
     results = training.train(tiny_config(shard_dir, model_dir, [stage(1, epochs=2)],
                                          results_checkpoint="last", validate_every_epochs=2))
@@ -403,18 +390,18 @@ def test_stage2_from_another_runs_stage1_with_its_own_ranking_loss(shard_dir, tm
     first = str(tmp_path / "first")
     training.train(tiny_config(shard_dir, first, [stage(1)], hardest_negative=False))
     hardest_used = []
-    original = training.losses.ranking_loss
+    original = losses.ranking_loss
 
     def recording(*args, hardest_negative, **kwargs):
         hardest_used.append(hardest_negative)
         return original(*args, hardest_negative=hardest_negative, **kwargs)
 
-    monkeypatch.setattr(training.losses, "ranking_loss", recording)
+    monkeypatch.setattr(losses, "ranking_loss", recording)
     second = str(tmp_path / "second")
-    stage2 = dataclasses.replace(stage(2, weights="1:1:1"), hardest_negative=True)
+    stage2 = stage(2, hardest_negative=True)
     config = tiny_config(shard_dir, second, [stage2], hardest_negative=False, stage1_from=first)
     trainer = training.Trainer(config)
-    trainer._load_stage1_final()
+    checkpointing.load_stage1_final(trainer.model, first)
     first_model, _ = run_layout.restore(first, which="last")
     token_ids = np.arange(2 * config.model.max_length, dtype=np.int32).reshape(2, -1) % 7 + 2
     np.testing.assert_allclose(trainer.model.text_encoder(token_ids), first_model.text_encoder(token_ids),
@@ -427,6 +414,7 @@ def test_stage2_from_another_runs_stage1_with_its_own_ranking_loss(shard_dir, tm
         tiny_config(shard_dir, second, [stage(1), stage2], stage1_from=first)
 
 
+@pytest.mark.subprocess
 def test_an_embedding_dim_other_than_the_shards_is_refused_before_training(shard_dir, tmp_path):
     flags = [flag for flag in TINY_FLAGS if not flag.startswith("--embedding_dim")]
     base = [sys.executable, "-m", "experiments.train", f"--shard_dir={shard_dir}", "--stage=1",
@@ -441,4 +429,4 @@ def test_an_embedding_dim_other_than_the_shards_is_refused_before_training(shard
     taken = subprocess.run([*base, f"--model_dir={tmp_path / 'taken'}"], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert taken.returncode == 0, taken.stderr[-2000:]
-    assert json.loads((tmp_path / "taken" / "model_config.json").read_text())["embedding_dim"] == 16
+    assert run_layout.load_model_config(str(tmp_path / "taken")).embedding_dim == 16
