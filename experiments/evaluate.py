@@ -8,15 +8,17 @@ Features as the original's test computes them (`dual_path.embeddings.SplitEmbedd
 image plus its horizontal mirror, summed and L2-normalised (--flip_images; off where the
 captions say left and right), each caption summed over its positions (--shift_texts).
 
-Defaults: from a model_dir, the run's model_dir/flags.json (written by dual-path-train):
---shard_dir from its shard_dir, --flip_images and --shift_texts from its eval_flip_images
-and eval_shift_texts (what the trainer validated with). From a SavedModel, its
+Defaults: from a model_dir, the run's config tree, model_dir/config.json
+(`run_layout.load_run_config`): --shard_dir from its shard_dir, --flip_images and
+--shift_texts from its eval_flip_images and eval_shift_texts (what the trainer validated
+with). From a SavedModel, its
 export_info.json (dual_path/export.py): shard_dir, flip_images, shift_texts. The
 SavedModel's encode_image_tensors already adds the mirror when the export flips, so such an
 export cannot be evaluated with --noflip_images; one that does not flip can be, either way.
 
-Prints the protocol's table (`dual_path.protocols`; --protocol=auto picks it from the
-manifest's dataset name and the split's size) and writes it as JSON (--output; default
+Computes the protocol's metrics (`dual_path.protocols`; --protocol=auto picks it from the
+manifest's dataset name and the split's size), prints them as the protocol's table
+(`experiments.tables`) and writes them as JSON (--output; default
 <model_dir>/eval_<split>_<protocol>.json, or <saved_model>_eval_<split>_<protocol>.json
 beside the SavedModel folder) with the checkpoint, the flags and timing in seconds.
 """
@@ -30,6 +32,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from dual_path import embeddings, export, input_pipeline, protocols, run_layout
+from experiments import commands, tables
 
 FLAGS = flags.FLAGS
 
@@ -41,7 +44,7 @@ def define_flags() -> None:
                       "With --model_dir: the best-by-validation or the last checkpoint.")
     flags.DEFINE_string("saved_model", None, "An exported SavedModel folder (dual-path-export).")
     flags.DEFINE_string("shard_dir", None,
-                        "The dataset's shards; default: the run's (flags.json / export_info.json).")
+                        "The dataset's shards; default: the run's (config.json / export_info.json).")
     flags.DEFINE_string("split", "test", "The split to evaluate.")
     flags.DEFINE_enum("protocol", protocols.AUTO, [protocols.AUTO, *protocols.PROTOCOLS],
                       "Evaluation protocol; auto: from the dataset name and the split's size.")
@@ -67,8 +70,8 @@ class Encoders(NamedTuple):
     text_encoder: int32 [B, L] token ids -> float32 [B, D] (L2-normalised).
     image_size, max_length: S and L.
     source: what the results JSON records of where the model came from.
-    defaults: {"shard_dir", "flip_images", "shift_texts"} that the run recorded (some or
-      none may be missing); defaults_file: the file they were read from.
+    defaults: {"shard_dir", "flip_images", "shift_texts"} that the run recorded;
+      defaults_file: the file they were read from.
     """
 
     image_encoder: object
@@ -82,15 +85,14 @@ class Encoders(NamedTuple):
 
 
 def restore_encoders(model_dir: str, which: str) -> Encoders:
-    """The run's model (`run_layout.restore`), defaults from its flags.json."""
+    """The run's model (`run_layout.restore`), defaults from its config.json."""
     model, checkpoint = run_layout.restore(model_dir, which)
-    run_flags = run_layout.read_run_flags(model_dir)
-    defaults = {name: run_flags[run_flag] for name, run_flag in (
-        ("shard_dir", "shard_dir"), ("flip_images", "eval_flip_images"),
-        ("shift_texts", "eval_shift_texts")) if run_flag in run_flags}
+    run_config = run_layout.load_run_config(model_dir)
+    defaults = {"shard_dir": run_config.shard_dir, "flip_images": run_config.eval_flip_images,
+                "shift_texts": run_config.eval_shift_texts}
     return Encoders(model.image_encoder, model.text_encoder, False, model.config.image_size,
                     model.config.max_length, {"model_dir": model_dir, "checkpoint": checkpoint},
-                    defaults, os.path.join(model_dir, run_layout.RUN_FLAGS_NAME))
+                    defaults, os.path.join(model_dir, run_layout.RUN_CONFIG_NAME))
 
 
 class SignatureEncoder:
@@ -136,12 +138,9 @@ def load_saved_model(saved_model: str) -> Encoders:
 
 
 def resolve(name: str, value, encoders: Encoders):
-    """The flag's value if given, else the run's recorded default (an error if none)."""
+    """The flag's value if given, else the run's recorded default."""
     if value is not None:
         return value
-    if name not in encoders.defaults:
-        raise app.UsageError(f"--{name} has no default: {encoders.defaults_file} does not "
-                             f"record it; pass --{name}")
     logging.info("--%s=%s from %s", name, encoders.defaults[name], encoders.defaults_file)
     return encoders.defaults[name]
 
@@ -215,11 +214,6 @@ def default_output(split: str, protocol: str) -> str:
     return f"{FLAGS.saved_model.rstrip('/')}_{name}"
 
 
-def _command_flags() -> dict:
-    module_flags = FLAGS.get_flags_for_module(sys.modules[__name__])
-    return {flag.name: flag.value for flag in sorted(module_flags, key=lambda flag: flag.name)}
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -236,7 +230,7 @@ def main(argv):
                            text_batch_size=FLAGS.text_batch_size)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"dual-path-evaluate: error: {error}")
-    results["flags"] = _command_flags()
+    results["flags"] = commands.flag_values_dict(FLAGS, sys.modules[__name__])
     results["timing"] = {"load_seconds": load_seconds, **results["timing"],
                          "total_seconds": time.perf_counter() - start}
     output = FLAGS.output or default_output(FLAGS.split, results["protocol"])
@@ -247,7 +241,7 @@ def main(argv):
           f"{results['num_captions']} captions; flip_images={flip_images}, "
           f"shift_texts={shift_texts}")
     print(f"model: {results.get('saved_model') or results['checkpoint']}")
-    print(protocols.get_protocol(results["protocol"]).table(results["metrics"]))
+    print("\n".join(tables.protocol_table(results["protocol"], results["metrics"])))
     print(f"written to {output}", flush=True)
 
 

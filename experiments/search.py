@@ -14,8 +14,9 @@
   dual-path-search words --model=runs/base/export/1 --image=photo.jpg \\
       --caption="a black dog runs on the beach" --output=words.png
 
-Results print as a table; --output writes a contact sheet (.html, images inline, or .png)
-or, for words, a PNG bar chart. Scores are cosine similarities.
+Results print as a table (`experiments.tables`); --output writes a contact sheet (.html, images
+inline, or .png) or, for words, a PNG bar chart (`experiments.search_render`). Scores are cosine
+similarities.
 """
 import os
 import sys
@@ -23,6 +24,7 @@ import sys
 from absl import app, flags, logging
 
 from dual_path import search
+from experiments import search_render, tables
 
 FLAGS = flags.FLAGS
 COMMANDS = ("index", "query", "words")
@@ -49,12 +51,9 @@ def define_flags() -> None:
                         "chart (.png). Optional.")
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned columns under a header and a dashed rule."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Left-aligned columns under a header and a dashed rule (`tables.format_table`)."""
+    print("\n".join(tables.format_table(header, rows)))
 
 
 def _require(names: list[str], command: str) -> None:
@@ -81,8 +80,8 @@ def _index() -> None:
 
 
 def _print_hits(hits: list[search.Hit], name_header: str) -> None:
-    print(format_table(["rank", "score", name_header],
-                       [[str(hit.rank), f"{hit.score:.4f}", hit.name] for hit in hits]))
+    _print_table(["rank", "score", name_header],
+                [[str(hit.rank), f"{hit.score:.4f}", hit.name] for hit in hits])
 
 
 def _query_text(index: search.SearchIndex, encoders: search.Encoders) -> None:
@@ -93,9 +92,10 @@ def _query_text(index: search.SearchIndex, encoders: search.Encoders) -> None:
     _print_hits(hits, "image")
     if FLAGS.output:
         images = search.index_image_bytes(index, [hit.row for hit in hits])
-        rows = [search.SheetRow(images[hit.row], [f"{hit.rank}. score {hit.score:.4f}", hit.name])
+        rows = [search_render.SheetRow(images[hit.row],
+                                       [f"{hit.rank}. score {hit.score:.4f}", hit.name])
                 for hit in hits]
-        search.write_contact_sheet(FLAGS.output, f"query: {FLAGS.text}", rows)
+        search_render.write_contact_sheet(FLAGS.output, f"query: {FLAGS.text}", rows)
         print(f"contact sheet -> {FLAGS.output}")
 
 
@@ -112,10 +112,11 @@ def _query_image(index: search.SearchIndex | None, encoders: search.Encoders) ->
     hits = search.rank(query, caption_embeddings, captions, FLAGS.k)
     _print_hits(hits, "caption")
     if FLAGS.output:
-        rows = [search.SheetRow(search.read_image_file(FLAGS.image), [f"query: {FLAGS.image}"])]
-        rows += [search.SheetRow(None, [f"{hit.rank}. score {hit.score:.4f}  {hit.name}"])
+        rows = [search_render.SheetRow(search.read_image_file(FLAGS.image),
+                                       [f"query: {FLAGS.image}"])]
+        rows += [search_render.SheetRow(None, [f"{hit.rank}. score {hit.score:.4f}  {hit.name}"])
                  for hit in hits]
-        search.write_contact_sheet(FLAGS.output, f"captions for {FLAGS.image}", rows)
+        search_render.write_contact_sheet(FLAGS.output, f"captions for {FLAGS.image}", rows)
         print(f"contact sheet -> {FLAGS.output}")
 
 
@@ -145,11 +146,10 @@ def _words() -> None:
     importance = search.word_importance(
         encoders, search.embed_image_file(encoders, FLAGS.image), FLAGS.caption)
     print(f"similarity of {FLAGS.image} and the whole caption: {importance.score:.4f}")
-    print(format_table(["word", "drop without it"],
-                       [[word, f"{drop:+.4f}"] for word, drop in zip(importance.words,
-                                                                     importance.drops)]))
+    _print_table(["word", "drop without it"],
+                [[word, f"{drop:+.4f}"] for word, drop in zip(importance.words, importance.drops)])
     if FLAGS.output:
-        search.draw_word_importance(
+        search_render.draw_word_importance(
             FLAGS.output, importance,
             f"similarity drop without each word (whole caption: {importance.score:.3f})",
             search.read_image_file(FLAGS.image))

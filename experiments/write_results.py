@@ -24,7 +24,7 @@ from typing import Sequence
 from absl import app, flags
 
 from dual_path.atomic_write import write_atomically
-from experiments import run_experiments
+from experiments import run_experiments, tables
 
 FLAGS = flags.FLAGS
 
@@ -115,13 +115,9 @@ def load_benchmarks(results_dir: str) -> list[tuple[str, dict]]:
                             ("benchmark", "machine", "settings", "figures", "ratios", "date"))
 
 
-def _cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    """A markdown table (`tables.format_table`)."""
+    return tables.format_table(header, rows, style=tables.MARKDOWN)
 
 
 def recall(value: float) -> str:

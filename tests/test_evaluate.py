@@ -15,21 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import app
 
 from dual_path import embeddings, evaluation, export, input_pipeline, protocols, run_layout
 from dual_path import shard_format
-from experiments import evaluate
+from experiments import evaluate, tables
+
+from conftest import TRAINED_RUN_FLIP_IMAGES, TRAINED_RUN_SHIFT_TEXTS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def copy_run(trained_run, target: Path, **run_flags) -> str:
-    """The shared run copied (it is shared: nothing is written into it) with a flags.json
-    as dual-path-train writes it, holding `run_flags`."""
+def copy_run(trained_run, target: Path, **run_settings) -> str:
+    """The shared run copied (it is shared: nothing is written into it), `run_settings`
+    (e.g. eval_flip_images=True) replacing those of its config.json."""
     shutil.copytree(trained_run.model_dir, target)
-    (target / "flags.json").write_text(json.dumps({"shard_dir": trained_run.shard_dir,
-                                                   "flip": "swap_left_right", **run_flags}))
+    config_path = target / run_layout.RUN_CONFIG_NAME
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **run_settings}))
     return str(target)
 
 
@@ -51,7 +52,7 @@ def direct_embeddings(model_dir: str, image_encoder, text_encoder, shard_dir: st
 
 @pytest.fixture(scope="module")
 def evaluated_run(trained_run, tmp_path_factory):
-    """dual-path-evaluate on a copy of the run whose flags.json says: no mirrored images,
+    """dual-path-evaluate on a copy of the run whose config.json says: no mirrored images,
     captions summed over positions. Returns (model_dir, the process, its results JSON)."""
     model_dir = copy_run(trained_run, tmp_path_factory.mktemp("evaluated") / "run",
                          eval_flip_images=False, eval_shift_texts=True)
@@ -71,10 +72,11 @@ def exports(trained_run, tmp_path_factory) -> dict:
             for name, flip in (("plain", False), ("mirrored", True))}
 
 
+@pytest.mark.subprocess
 def test_command_reports_the_metrics_of_directly_computed_embeddings(trained_run,
                                                                     evaluated_run):
     model_dir, process, results = evaluated_run
-    # Defaults from flags.json: its shard_dir, eval_flip_images, eval_shift_texts.
+    # Defaults from config.json: its shard_dir, eval_flip_images, eval_shift_texts.
     assert results["flip_images"] is False and results["shift_texts"] is True
     assert results["shard_dir"] == trained_run.shard_dir and results["split"] == "test"
     model, last = run_layout.restore(model_dir, "last")
@@ -96,9 +98,11 @@ def test_command_reports_the_metrics_of_directly_computed_embeddings(trained_run
         assert rows[direction] == [f"{expected[f'{prefix}_{key}']:.2f}"
                                    for key in ("r1", "r5", "r10", "medr", "meanr")]
     assert rows["rsum"] == [f"{expected['rsum']:.2f}"]
+    assert "\n".join(tables.retrieval_table(results["metrics"])) in process.stdout
     assert str(Path(model_dir, "eval_test_flickr_1k.json")) in process.stdout
 
 
+@pytest.mark.subprocess
 def test_saved_model_gives_the_numbers_of_the_model_dir(trained_run, evaluated_run, exports):
     _, _, from_model_dir = evaluated_run
     process = run_evaluate(f"--saved_model={exports['plain']}")
@@ -167,8 +171,8 @@ def write_person_shards(source_dir: str, target_dir: str, split: str, images_per
     (target / shard_format.MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
-def test_person_search_on_cuhk_style_shards_with_defaults_from_flags_json(trained_run,
-                                                                          tmp_path):
+def test_person_search_on_cuhk_style_shards_with_defaults_from_the_run_config(trained_run,
+                                                                               tmp_path):
     shard_dir = str(tmp_path / "cuhk")
     write_person_shards(trained_run.shard_dir, shard_dir, "test", images_per_person=2)
     model_dir = copy_run(trained_run, tmp_path / "run", eval_flip_images=True,
@@ -196,12 +200,13 @@ def test_person_search_on_cuhk_style_shards_with_defaults_from_flags_json(traine
 
 # ---- flag defaults -------------------------------------------------------------------------
 
-def test_flags_win_over_defaults_and_a_missing_default_is_an_error(trained_run, tmp_path):
-    encoders = evaluate.restore_encoders(trained_run.model_dir, "last")  # no flags.json
-    assert encoders.defaults == {}
+def test_flags_win_over_the_runs_defaults(trained_run, tmp_path):
+    encoders = evaluate.restore_encoders(trained_run.model_dir, "last")
+    assert encoders.defaults == {"shard_dir": trained_run.shard_dir,
+                                 "flip_images": TRAINED_RUN_FLIP_IMAGES,
+                                 "shift_texts": TRAINED_RUN_SHIFT_TEXTS}
     assert evaluate.resolve("flip_images", True, encoders) is True
-    with pytest.raises(app.UsageError, match=r"--shard_dir has no default: .*flags.json does not"):
-        evaluate.resolve("shard_dir", None, encoders)
+    assert evaluate.resolve("shard_dir", None, encoders) == trained_run.shard_dir
     with pytest.raises(ValueError, match=r"shards: the shard manifest has no splits.nope.images "
                                          r"\(its splits: train, val, test\)"):
         evaluate.evaluate(encoders, trained_run.shard_dir, "nope", protocols.AUTO,
@@ -259,14 +264,6 @@ def test_person_search_matches_every_image_of_the_person():
     # image 3 at 0.0, matches first): a miss, AP (1/2 + 2/3) / 2. Captions 2, 3: AP 1.
     assert metrics["t2i_top1"] == pytest.approx(75.0)
     assert metrics["t2i_map"] == pytest.approx(100 * (1 + (1 / 2 + 2 / 3) / 2 + 1 + 1) / 4)
-
-
-def test_tables_show_every_column():
-    metrics = evaluation.retrieval_metrics(np.eye(3, dtype=np.float32), np.arange(3))
-    table = protocols.retrieval_table(metrics).splitlines()
-    assert table[0].split() == ["R@1", "R@5", "R@10", "medr", "meanr"]
-    assert table[1].split() == ["image->text", "100.00", "100.00", "100.00", "1.00", "1.00"]
-    assert table[3].split() == ["rsum", "600.00"]
 
 
 @pytest.mark.parametrize("dataset, num_images, expected", [

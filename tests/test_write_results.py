@@ -137,7 +137,8 @@ def test_missing_json_says_not_run_yet(tmp_path):
     page = write_results.render(str(tmp_path))
     flickr = section(page, "## Flickr8k")
     assert ("Not run yet: main, main_mobilenet_0_25, main_no_finetune, main_stage1_only, "
-            "main_stage1_word2vec_captions, main_stage1_random_word_init, main_stage2_hardest "
+            "main_stage1_word2vec_captions, main_stage1_random_word_init, main_stage2_hardest, "
+            "main_held_out, main_held_out_stage2_hardest "
             "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main,") in flickr
     assert "this implementation" not in flickr
     assert "| DeViSE | 4.5 |  |  |  | 6.7 |  |  |  |" in flickr
@@ -164,6 +165,7 @@ def run_command(*arguments: str) -> subprocess.CompletedProcess:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_command_writes_the_page_and_check_catches_a_hand_edit(results_dir, tmp_path):
     output = tmp_path / "RESULTS.md"
     arguments = [f"--results_dir={results_dir}", f"--output={output}"]
