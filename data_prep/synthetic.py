@@ -34,6 +34,10 @@ IMAGE_DIR = "images"
 CAPTIONS_PER_IMAGE = 5
 SPLITS = ("train", "val", "test")
 UNIQUE_SPLITS = ("val", "test")
+IMAGE_SHARDS = 4
+CAPTION_SHARDS = 2
+"""Shard counts of the generated dataset's shards (8,000 train images), as dual-path-demo and
+experiments/run_experiments build them."""
 MIN_IMAGE_SIZE = 32  # below it a large object no longer fits in its cell
 
 # Object colours, RGB uint8; plain and far from the greyish background.

@@ -11,18 +11,17 @@ prints validation and test R@1/5/10 at the end and writes them to runs/synthetic
 """
 import os
 import shlex
-import subprocess
 import sys
 
 from absl import app
 from absl import flags
 
+from data_prep import synthetic
+from experiments import commands
+
 FLAGS = flags.FLAGS
 
 DATASET = "synthetic"
-# Shard counts of the embedded dataset (8,000 train images): also experiments/run_experiments'.
-IMAGE_SHARDS = 4
-CAPTION_SHARDS = 2
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{DATASET}.flags")
 
 
@@ -33,12 +32,10 @@ def define_flags() -> None:
 
 
 def _run(command: list[str]) -> None:
-    print("\n$ " + " ".join(shlex.quote(part) for part in command), flush=True)
-    # TensorFlow's C++ INFO lines (oneDNN, CPU features) say nothing about the run.
-    environment = {"TF_CPP_MIN_LOG_LEVEL": "1", **os.environ}
-    completed = subprocess.run(command, check=False, env=environment)
-    if completed.returncode != 0:
-        sys.exit(f"dual-path-demo: step failed with exit code {completed.returncode}: {command[2]}")
+    print("\n$ " + shlex.join(command), flush=True)
+    returncode, _ = commands.run_command(command)
+    if returncode != 0:
+        sys.exit(f"dual-path-demo: step failed with exit code {returncode}: {command[2]}")
 
 
 def main(argv: list[str]) -> None:
@@ -56,8 +53,8 @@ def main(argv: list[str]) -> None:
         "--source_format=karpathy",
         f"--captions={dataset_json}",
         f"--shard_dir={shard_dir}",
-        f"--num_image_shards={IMAGE_SHARDS}",
-        f"--num_caption_shards={CAPTION_SHARDS}",
+        f"--num_image_shards={synthetic.IMAGE_SHARDS}",
+        f"--num_caption_shards={synthetic.CAPTION_SHARDS}",
     ]
     if FLAGS.num_workers:
         build.append(f"--num_workers={FLAGS.num_workers}")

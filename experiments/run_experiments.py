@@ -37,26 +37,22 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from absl import app, flags
 
-from data_prep import build_shards, synthetic
+from data_prep import build_shards, shared_data, synthetic
 from data_prep.readers import read_source
 from dual_path import run_layout, shard_format
 from dual_path.atomic_write import write_atomically
-from experiments import demo
+from experiments import commands
 from experiments.benchmarks.report import machine
 
 FLAGS = flags.FLAGS
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FLICKR8K_RAW = SHARED / "data" / "flickr8k"
+REPO = shared_data.REPO
 ALL_ROWS = "all"
 TRAIN_LOG_NAME = "train.log"
 RUN_COMMAND_NAME = "run_command.txt"
@@ -97,7 +93,7 @@ FLICKR8K_MOBILENET_0_25_CONFIG = "experiments/configs/flickr8k_mobilenet_0_25.fl
 # Row.word_vectors -> (build_shards --word2vec, suffix of the shard folder's name).
 WORD_VECTORS = {
     CAPTIONS: (build_shards.WORD2VEC_TRAIN, ""),
-    GLOVE: (str(SHARED / "vectors" / "glove.6B.50d.top100k.txt"), "_glove"),
+    GLOVE: (str(shared_data.GLOVE_50D), "_glove"),
 }
 
 
@@ -305,7 +301,7 @@ def _build_synthetic(shard_dir: str, raw_dir: str) -> None:
         synthetic.generate(raw_dir)
     build_shards.build_shards(
         read_source("karpathy", captions=dataset_json), shard_dir,
-        num_image_shards=demo.IMAGE_SHARDS, num_caption_shards=demo.CAPTION_SHARDS,
+        num_image_shards=synthetic.IMAGE_SHARDS, num_caption_shards=synthetic.CAPTION_SHARDS,
         source_format="karpathy", source_files=[dataset_json])
 
 
@@ -327,25 +323,22 @@ def write_held_out_split_lists(train_list: Path, lists_dir: str, held_out: int) 
 
 
 def _build_flickr8k(shard_dir: str, held_out_lists_dir: str | None, word_vectors: str) -> None:
-    if not FLICKR8K_RAW.is_dir():
+    if not shared_data.FLICKR8K_RAW.is_dir():
         raise FileNotFoundError(
-            f"no Flickr8k shards in {shard_dir} and no raw Flickr8k in {FLICKR8K_RAW} to build them "
-            "from: build them with the command of README.md step 1 (with --shard_dir set to this "
-            "folder), or pass --shard_dir")
-    text_dir = FLICKR8K_RAW / "Flickr8k_text"
-    captions = str(text_dir / "Flickr8k.token.txt")
-    image_root = str(FLICKR8K_RAW / "Flicker8k_Dataset")
-    train_list, dev_list = text_dir / "Flickr_8k.trainImages.txt", text_dir / "Flickr_8k.devImages.txt"
+            f"no Flickr8k shards in {shard_dir} and no raw Flickr8k in {shared_data.FLICKR8K_RAW} to "
+            "build them from: build them with the command of README.md step 1 (with --shard_dir "
+            "set to this folder), or pass --shard_dir")
+    split_files = None
     if held_out_lists_dir:
         train_part, held_out_part = write_held_out_split_lists(
-            train_list, held_out_lists_dir, FLICKR8K_HELD_OUT_IMAGES)
-        split_files = f"train={train_part},dev={held_out_part},test={dev_list}"
-    else:
-        split_files = f"train={train_list},dev={dev_list}"
-    source = read_source("flickr_tokens", captions=captions, image_root=image_root,
-                         split_files=split_files)
-    build_shards.build_shards(source, shard_dir, source_format="flickr_tokens",
-                              source_files=[captions, image_root, split_files],
+            shared_data.FLICKR8K_TRAIN_LIST, held_out_lists_dir, FLICKR8K_HELD_OUT_IMAGES)
+        split_files = shared_data.flickr8k_split_files(train_part, held_out_part,
+                                                       test=shared_data.FLICKR8K_DEV_LIST)
+    source = shared_data.flickr8k_source(split_files)
+    build_shards.build_shards(read_source(shared_data.FLICKR8K_SOURCE_FORMAT, **source), shard_dir,
+                              source_format=shared_data.FLICKR8K_SOURCE_FORMAT,
+                              source_files=[source["captions"], source["image_root"],
+                                            source["split_files"]],
                               word2vec_source=WORD_VECTORS[word_vectors][0])
 
 
@@ -384,23 +377,6 @@ def _prepare_run_dir(run_dir: str, command_line: str, fresh: bool) -> bool:
     return resumes
 
 
-def _stream(command: Sequence[str], log_path: str, append: bool) -> tuple[int, float]:
-    """Runs command from the repository root, its output to the console and log_path.
-    Returns (exit code, wall-clock seconds)."""
-    # TensorFlow's C++ INFO lines (oneDNN, CPU features) say nothing about the run.
-    environment = {"TF_CPP_MIN_LOG_LEVEL": "1", **os.environ}
-    start = time.monotonic()
-    with open(log_path, "a" if append else "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace")
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            log.write(line)
-        returncode = process.wait()
-    return returncode, time.monotonic() - start
-
-
 class RowFailedError(RuntimeError):
     """The trainer exited non-zero; the message names the row and its log."""
 
@@ -420,7 +396,8 @@ def run_row(row: Row, *, workspace: str, shard_dir: str, results_dir: str,
     resumes = _prepare_run_dir(run_dir, command_line, fresh)
     log_path = os.path.join(run_dir, TRAIN_LOG_NAME)
     print(f"\n[{row.dataset}/{row.name}] {row.description}\n$ {command_line}", flush=True)
-    returncode, seconds = _stream([sys.executable, *command[1:]], log_path, append=resumes)
+    returncode, seconds = commands.run_command([sys.executable, *command[1:]], log_path=log_path,
+                                               append=resumes, cwd=str(REPO))
     if returncode != 0:
         raise RowFailedError(f"row {row.dataset}/{row.name} failed with exit code {returncode}; "
                              f"its log: {log_path}")

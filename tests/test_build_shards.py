@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_prep import shared_data
 from data_prep import build_shards, images, shard_writer
 from data_prep.records import DataFormatError, ImageRecord, Skipped, SourceDataset
 from dual_path import shard_format, text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FLICKR8K = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
+FLICKR8K = shared_data.FLICKR8K_RAW
 DIM = 8
 
 
@@ -248,6 +249,7 @@ def test_glove_file_sets_the_dim_and_the_manifest_reports_both_coverages(source,
     assert 0 < embedding["coverage"]["as_is"]["token_fraction"] == embedding["coverage"]["token_fraction"] < 1
 
 
+@pytest.mark.subprocess
 def test_an_embedding_dim_that_contradicts_the_file_stops_before_any_shard(source, tmp_path):
     glove = tmp_path / "glove.txt"
     glove.write_text("dog 0.1 0.2 0.3\ncat 0.4 0.5 0.6\n")
@@ -270,8 +272,9 @@ def _jsonl_captions(tmp_path) -> Path:
     return captions
 
 
+@pytest.mark.subprocess
 def test_shared_glove_vectors_initialise_flickr8k_words(tmp_path):
-    glove = REPO_ROOT.parent / "shared" / "vectors" / "glove.6B.50d.top100k.txt"
+    glove = shared_data.GLOVE_50D
     if not FLICKR8K.is_dir() or not glove.is_file():
         pytest.skip("../shared's Flickr8k or GloVe vectors are absent")
     text_dir = FLICKR8K / "Flickr8k_text"
@@ -300,6 +303,7 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.subprocess
 def test_cli_prints_a_reader_error_as_one_line(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"image": "a.jpg", "caption": "a dog"}\n{"image": "b.jpg", \n')
@@ -311,6 +315,7 @@ def test_cli_prints_a_reader_error_as_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_flickr8k_subset_through_the_cli(tmp_path):
     if not FLICKR8K.is_dir():
         pytest.skip(f"{FLICKR8K} is absent")

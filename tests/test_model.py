@@ -1,5 +1,4 @@
 """Tests of dual_path.model, image_path and text_path on tiny configurations, on CPU."""
-from pathlib import Path
 
 import h5py
 import keras
@@ -7,14 +6,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_prep import shared_data
 from dual_path.image_path import BackbonePreprocessing, build_image_backbone
 from dual_path.model import SHARED_CLASSIFIER, DualPathConfig, build_dual_path
 from dual_path.text import PAD_ID
 from dual_path.text_path import WORD_EMBEDDING, build_text_path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
-MOBILENET_V2_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
+from conftest import tiny_model
+
+MOBILENET_WEIGHTS = shared_data.MOBILENET_0_25_WEIGHTS
+MOBILENET_V2_WEIGHTS = shared_data.MOBILENET_V2_WEIGHTS
 
 BATCH = 4
 IMAGE_SIZE = 32
@@ -25,14 +26,10 @@ HEAD_DIM = 24
 
 
 def tiny_config(**overrides) -> DualPathConfig:
-    options = dict(
-        vocab_size=VOCAB_SIZE, num_classes=NUM_CLASSES, max_length=MAX_LENGTH,
-        backbone="small_cnn", weights=None, image_size=IMAGE_SIZE, small_cnn_widths=(8, 16),
-        embedding_dim=16, text_blocks=(1, 1), text_widths=(32, 64), head_dims=(HEAD_DIM, HEAD_DIM),
-        dropout=0.5,
-    )
-    options.update(overrides)
-    return DualPathConfig(**options)
+    """The tiny model at this file's vocabulary, classes and caption length, with heads of
+    HEAD_DIM, a width no other layer has, so that the shape checks see the head's."""
+    return tiny_model(**{"vocab_size": VOCAB_SIZE, "num_classes": NUM_CLASSES,
+                         "max_length": MAX_LENGTH, "head_dims": (HEAD_DIM, HEAD_DIM), **overrides})
 
 
 def batch(seed: int = 0) -> dict:

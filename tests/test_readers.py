@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from data_prep import shared_data
 from data_prep import readers
 from data_prep.readers import read_source
 from data_prep.records import CUHK_PEDES_MAX_LENGTH, DEFAULT_MAX_LENGTH, DataFormatError
 
-SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+SHARED_FLICKR8K = shared_data.FLICKR8K_RAW
 BAD_UTF8 = b"A dog \xff\xfe runs ."
 
 

@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
+from data_prep import shared_data
 from dual_path import text
 from dual_path.text import PAD_ID, UNK_ID, Vocabulary, tf_tokenize, tokenize
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FLICKR8K_TOKENS = SHARED / "data" / "flickr8k" / "Flickr8k_text" / "Flickr8k.token.txt"
+FLICKR8K_TOKENS = shared_data.FLICKR8K_CAPTIONS
 
 TRICKY_CAPTIONS = [
     "A child in a pink dress is climbing up a set of stairs in an entry way .",

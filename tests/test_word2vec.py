@@ -2,18 +2,17 @@
 import gzip
 import hashlib
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
+from data_prep import shared_data
 from data_prep import word2vec
 from data_prep.records import DataFormatError
 from dual_path.text import PAD_ID, UNK_ID, Vocabulary, tokenize
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FLICKR8K_TOKENS = SHARED / "data" / "flickr8k" / "Flickr8k_text" / "Flickr8k.token.txt"
+FLICKR8K_TOKENS = shared_data.FLICKR8K_CAPTIONS
 # Enough real captions (500 images) for word similarities to mean something; trains in ~1 s.
 NUM_REAL_CAPTIONS = 2500
 TRAIN_DIM = 50
@@ -278,7 +277,7 @@ def test_a_glove_line_with_a_missing_value_is_refused(tmp_path):
 
 
 def test_shared_glove_file_loads_as_50d_lower_case_vectors():
-    glove = SHARED / "vectors" / "glove.6B.50d.top100k.txt"
+    glove = shared_data.GLOVE_50D
     if not glove.is_file():
         pytest.skip(f"{glove} is not here")
     assert word2vec.detect_format(str(glove)) == word2vec.GLOVE

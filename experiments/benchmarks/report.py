@@ -19,18 +19,14 @@ import json
 import math
 import os
 import platform
-from pathlib import Path
 from typing import Sequence
 
 import keras
 import tensorflow as tf
 
-from data_prep import readers
+from data_prep import readers, shared_data
 from dual_path.atomic_write import write_atomically
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-SHARED_FLICKR8K = SHARED / "data" / "flickr8k"
 _CPUINFO = "/proc/cpuinfo"
 _MEMINFO = "/proc/meminfo"
 
@@ -39,14 +35,15 @@ def add_raw_dataset_arguments(parser: argparse.ArgumentParser, splits: Sequence[
     """--source_format, --captions, --image_root, --split_files: the raw dataset a benchmark reads
     (`data_prep.readers.read_source`'s arguments); default ../shared's Flickr8k in flickr_tokens
     format, with the split lists of splits (Flickr8k's names: "train", "dev", "test")."""
-    text_dir = SHARED_FLICKR8K / "Flickr8k_text"
-    parser.add_argument("--source_format", default="flickr_tokens", choices=sorted(readers.FORMATS))
-    parser.add_argument("--captions", default=str(text_dir / "Flickr8k.token.txt"),
+    lists = {"train": shared_data.FLICKR8K_TRAIN_LIST, "dev": shared_data.FLICKR8K_DEV_LIST}
+    parser.add_argument("--source_format", default=shared_data.FLICKR8K_SOURCE_FORMAT,
+                        choices=sorted(readers.FORMATS))
+    parser.add_argument("--captions", default=str(shared_data.FLICKR8K_CAPTIONS),
                         help="caption file(s) of the raw dataset")
-    parser.add_argument("--image_root", default=str(SHARED_FLICKR8K / "Flicker8k_Dataset"),
+    parser.add_argument("--image_root", default=str(shared_data.FLICKR8K_IMAGES),
                         help="image folder of the raw dataset")
     parser.add_argument("--split_files",
-                        default=",".join(f"{split}={text_dir / f'Flickr_8k.{split}Images.txt'}" for split in splits),
+                        default=",".join(f"{split}={lists[split]}" for split in splits),
                         help="split lists (flickr_tokens, coco); '' for formats that carry their splits")
 
 
@@ -115,7 +112,7 @@ def portable_settings(value):
     are rewritten wherever the paths occur in them (lists like "train=PATH,dev=PATH" too);
     lists and dicts recursively; anything else as it is."""
     if isinstance(value, str):
-        return value.replace(f"{SHARED}/", "../shared/").replace(f"{REPO}/", "")
+        return shared_data.shown(value)
     if isinstance(value, list):
         return [portable_settings(item) for item in value]
     if isinstance(value, dict):
