@@ -1,11 +1,13 @@
-"""The image path's partial fine-tuning: which layers of a keras.applications backbone are its
-blocks, and that training only the top leaves the rest, BN statistics included, as it was."""
+"""The image path: which layers of a keras.applications backbone are its blocks, and that
+training only the top leaves the rest, BN statistics included, as it was; each backbone's own
+preprocessing of 0..255 RGB pixels, worked out by hand; small_cnn's blocks. test_model.py
+checks unknown backbones, weights files and MobileNet's preprocessing inside the model."""
 import keras
 import numpy as np
 import pytest
 
-from dual_path.image_path import (block_of, build_image_backbone, first_trainable_layer,
-                                  leaf_layers, train_top_of_backbone)
+from dual_path.image_path import (BackbonePreprocessing, block_of, build_image_backbone,
+                                  first_trainable_layer, leaf_layers, train_top_of_backbone)
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,54 @@ def test_a_second_call_sets_every_layer_again(mobilenet_v2):
 def test_a_top_the_backbone_lacks_is_a_clear_error(mobilenet_v2, options, message):
     with pytest.raises(ValueError, match=message):
         first_trainable_layer(mobilenet_v2, **options)
+
+
+@pytest.fixture
+def float16_policy():
+    """The mixed_float16 global policy for one test, float32 again afterwards."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("name, expected", [
+    # caffe: RGB -> BGR, minus the ImageNet mean (103.939, 116.779, 123.68), no scaling.
+    ("ResNet50", [10 - 103.939, 0 - 116.779, 255 - 123.68]),
+    # tf: x / 127.5 - 1.
+    ("MobileNetV2", [1.0, -1.0, 10 / 127.5 - 1]),
+    # torch: (x / 255 - mean) / std, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+    ("DenseNet121", [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (10 / 255 - 0.406) / 0.225]),
+    # EfficientNet rescales inside the network: its preprocess_input leaves pixels as they are.
+    ("EfficientNetB0", [255.0, 0.0, 10.0]),
+])
+def test_preprocessing_is_each_backbones_own_in_float32_under_mixed_precision(name, expected,
+                                                                             float16_policy):
+    """One RGB pixel (255, 0, 10) through BackbonePreprocessing, under the mixed_float16 policy:
+    the backbone's own preprocess_input, worked out by hand, computed and returned in float32."""
+    pixel = np.array([[[[255.0, 0.0, 10.0]]]], np.float32)
+    layer = BackbonePreprocessing(name)
+    output = layer(pixel)
+    assert layer.compute_dtype == "float32" and output.dtype == "float32"
+    np.testing.assert_allclose(np.asarray(output)[0, 0, 0], expected, rtol=1e-5)
+
+
+def test_small_cnn_halves_the_side_per_block_from_pixels_scaled_to_plus_minus_1():
+    """small_cnn on 32x32 images, widths (8, 16, 24): stride-2 blocks give 16, 8 and 4 pixels
+    a side, then the average pool gives 24 features; pixels 0, 127.5, 255 enter as -1, 0, 1."""
+    backbone = build_image_backbone("small_cnn", weights=None, input_size=32,
+                                    small_cnn_widths=(8, 16, 24))
+    sides = [tuple(backbone.get_layer(f"small_cnn_relu{block}").output.shape[1:])
+             for block in (1, 2, 3)]
+    assert sides == [(16, 16, 8), (8, 8, 16), (4, 4, 24)]
+    assert tuple(backbone.output.shape) == (None, 24)
+    rescale = backbone.get_layer("small_cnn_rescale")
+    np.testing.assert_allclose(rescale(np.array([0.0, 127.5, 255.0], np.float32)), [-1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(weights="imagenet"), "the small_cnn backbone has no ImageNet weights"),
+    (dict(weights=None, alpha=0.5), "alpha=0.5 given, but image backbone 'small_cnn' has no width"),
+])
+def test_small_cnn_has_no_imagenet_weights_and_no_width_multiplier(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_image_backbone("small_cnn", input_size=32, **options)

@@ -173,6 +173,7 @@ TWO_REPLICA_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_two_replica_losses_and_gradients_equal_one_replica():
     completed = subprocess.run([sys.executable, "-c", TWO_REPLICA_SCRIPT],
                                capture_output=True, text=True, timeout=300)

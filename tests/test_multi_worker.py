@@ -127,6 +127,7 @@ def cluster_run(shard_dir, tmp_path_factory):
     return model_dir, logs, [worker.returncode for worker in workers]
 
 
+@pytest.mark.subprocess
 def test_two_workers_train_both_stages_and_the_chief_alone_writes_the_run(cluster_run):
     model_dir, logs, codes = cluster_run
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
@@ -142,6 +143,7 @@ def test_two_workers_train_both_stages_and_the_chief_alone_writes_the_run(cluste
     assert not any("worker-worker-1" in path.name for path in (model_dir / "logs").rglob("*"))
 
 
+@pytest.mark.subprocess
 def test_first_steps_losses_equal_one_process_with_two_replicas(cluster_run, shard_dir, tmp_path):
     model_dir, logs, codes = cluster_run
     assert codes == [0, 0]
@@ -160,6 +162,7 @@ def test_first_steps_losses_equal_one_process_with_two_replicas(cluster_run, sha
         assert cluster["loss/rank_loss"][0] > 0  # the ranking loss's cross-worker gather ran
 
 
+@pytest.mark.subprocess
 def test_a_killed_worker_is_resumed_from_the_last_checkpoint(shard_dir, tmp_path):
     model_dir = tmp_path / "run"
     workers = _start_cluster(shard_dir, model_dir, tmp_path, "first")

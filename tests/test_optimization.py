@@ -1,4 +1,16 @@
-"""MatConvNetSGD against a NumPy transcription of MatConvNet's update, and the lr schedule."""
+"""MatConvNetSGD against updates worked out by hand from MatConvNet's rule, and the lr schedule.
+
+MatConvNet's cnn_train_dag.m (accumulateGradients, the default solver), for a parameter w
+with batch-summed derivative G, thisLR = learningRate * the parameter's learningRate (lr_mult)
+and thisDecay = weightDecay * the parameter's weightDecay (1 here):
+
+    parDer = G / batchSize + thisDecay * w
+    m      = momentum * m - parDer
+    delta  = momentum * m - parDer         (nesterovUpdate; else delta = m)
+    w      = w + thisLR * delta
+
+Keras gives the batch mean, so G / batchSize is the gradient fed to the optimizer.
+"""
 import keras
 import numpy as np
 import pytest
@@ -7,40 +19,34 @@ import tensorflow as tf
 from dual_path import optimization
 
 
-def _matconvnet_reference(weights, gradients, learning_rates, multiplier, momentum, weight_decay):
-    """cnn_train_dag's Nesterov update, step by step, in NumPy (float64)."""
-    weights = np.array(weights, np.float64)
-    velocity = np.zeros_like(weights)
-    for gradient, learning_rate in zip(gradients, learning_rates):
-        direction = multiplier * (gradient + weight_decay * weights)
-        velocity = momentum * velocity - direction
-        weights = weights + learning_rate * (momentum * velocity - direction)
-    return weights
-
-
-def test_update_matches_matconvnet_with_multipliers_decay_and_schedule_change():
-    rng = np.random.default_rng(0)
-    initial = {"plain": rng.normal(size=(3, 2)), "embedding": rng.normal(size=(5,))}
-    variables = {name: keras.Variable(value.astype(np.float32), name=name)
-                 for name, value in initial.items()}
-    step = tf.Variable(0, dtype=tf.int64)
-    schedule = optimization.PiecewiseConstantSchedule([2], [0.1, 0.01])
-    optimizer = optimization.MatConvNetSGD(
-        lambda: schedule(step), momentum=0.9, weight_decay=1e-2,
-        lr_multipliers={variables["embedding"].path: 1e-3})
-    gradients = {name: [rng.normal(size=value.shape) for _ in range(4)]
-                 for name, value in initial.items()}
-    for index in range(4):
-        optimizer.apply([tf.constant(gradients[name][index], tf.float32) for name in variables],
-                        list(variables.values()))
-        step.assign_add(1)
-    learning_rates = [0.1, 0.1, 0.01, 0.01]
-    for name, multiplier in (("plain", 1.0), ("embedding", 1e-3)):
-        expected = _matconvnet_reference(initial[name], gradients[name], learning_rates,
-                                         multiplier, 0.9, 1e-2)
-        np.testing.assert_allclose(variables[name].numpy(), expected, rtol=1e-5, atol=1e-7)
-    # The multiplier really slowed the embedding down: it moved ~1000x less than plain would.
-    assert np.abs(variables["embedding"].numpy() - initial["embedding"]).max() < 1e-3
+@pytest.mark.parametrize("nesterov, expected", [
+    # w0 = [1, -2], lr_mult 0.5, momentum 0.9, weight decay 0.1; g1 = [0.2, 0.4] at lr 1,
+    # then g2 = [-0.5, 0] at lr 0.1.
+    # Step 1: parDer = g1 + 0.1 * w0 = [0.3, 0.2]; m1 = -parDer = [-0.3, -0.2];
+    #   Nesterov: delta = 0.9 * m1 - parDer = [-0.57, -0.38]; w1 = w0 + 0.5 * delta = [0.715, -2.19].
+    # Step 2: parDer = g2 + 0.1 * w1 = [-0.4285, -0.219];
+    #   m2 = 0.9 * m1 - parDer = [0.1585, 0.039]; delta = 0.9 * m2 - parDer = [0.57115, 0.2541];
+    #   w2 = w1 + 0.05 * delta = [0.7435575, -2.177295].
+    # (Keras' rule, v = 0.9 v - lr * lr_mult * parDer with lr inside the velocity, gives
+    # w2[0] = 0.6342075: the step-1 velocity would still move at lr 1.)
+    (True, [0.7435575, -2.177295]),
+    # Without Nesterov, delta = m. Step 1: w1 = w0 + 0.5 * [-0.3, -0.2] = [0.85, -2.1].
+    # Step 2: parDer = [-0.5 + 0.085, -0.21] = [-0.415, -0.21]; m2 = [-0.27 + 0.415, -0.18 + 0.21]
+    #   = [0.145, 0.03]; w2 = w1 + 0.05 * m2 = [0.85725, -2.0985].
+    (False, [0.85725, -2.0985]),
+])
+def test_two_steps_with_an_lr_change_follow_matconvnets_rule(nesterov, expected):
+    """Two updates of a 2-vector with an lr multiplier, weight decay and the lr set to a tenth
+    between them (as the trainer sets `learning_rate` before each step) land on the weights
+    worked out by hand from cnn_train_dag's rule: the velocity holds gradients, so the new lr
+    scales the whole second step at once."""
+    weights = keras.Variable(np.array([1.0, -2.0], np.float32), name="w")
+    optimizer = optimization.MatConvNetSGD(1.0, momentum=0.9, weight_decay=0.1, nesterov=nesterov,
+                                           lr_multipliers={weights.path: 0.5})
+    optimizer.apply([tf.constant([0.2, 0.4])], [weights])
+    optimizer.learning_rate.assign(0.1)
+    optimizer.apply([tf.constant([-0.5, 0.0])], [weights])
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
 
 
 def test_weight_decay_alone_shrinks_weights_by_the_l2_rule():

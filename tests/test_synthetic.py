@@ -181,6 +181,7 @@ def test_bad_arguments_are_refused(tmp_path, arguments):
         synthetic.generate(str(tmp_path), **arguments)
 
 
+@pytest.mark.subprocess
 def test_command_line_writes_the_dataset(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "data_prep.generate_synthetic", f"--output_dir={tmp_path}",
