@@ -180,6 +180,13 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_bn_lr_multiplier"] is None
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
+        if row == "main_held_out":
+            assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
+            continue
+        if row == "main_held_out_stage2_hardest":
+            assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main_held_out"
+            continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
             assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
