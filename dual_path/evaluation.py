@@ -11,6 +11,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 RECALL_KS = (1, 5, 10)
+RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in RECALL_KS)
+"""retrieval_metrics' six R@K keys, image->text then text->image; "rsum" is their sum."""
 
 # Elements of a temporary [rows, columns] comparison per chunk (bools: 32 MiB).
 _CHUNK_ELEMENTS = 1 << 25

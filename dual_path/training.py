@@ -65,7 +65,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dual_path import checkpointing, embeddings, feature_cache, image_path, input_pipeline
+from dual_path import checkpointing, embeddings, evaluation, feature_cache, image_path
+from dual_path import input_pipeline
 from dual_path import instance_classifier, instance_health, optimization, run_layout, task, text
 from dual_path import tensorboard_extras
 from dual_path.checkpointing import NonFiniteLossError
@@ -74,7 +75,6 @@ from dual_path.model import DualPath, build_dual_path
 from dual_path.validation import Validator
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 METRIC_NAMES = task.METRIC_NAMES
 
 
@@ -579,7 +579,7 @@ class Trainer:
         validation = self.validator.validate(split, stage, current)
         metrics = validation.metrics
         logging.info("stage %d step %d | %s | %s", stage, current, split,
-                     " ".join(f"{name} {metrics[name]:.2f}" for name in RECALL_COLUMNS))
+                     " ".join(f"{name} {metrics[name]:.2f}" for name in (*evaluation.RECALL_KEYS, "rsum")))
         with writer.as_default(step=self._summary_step(current)):
             for name, value in metrics.items():
                 tf.summary.scalar(f"retrieval/{name}", value)

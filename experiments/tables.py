@@ -16,6 +16,8 @@ splits of a training run's results.
 """
 from typing import Callable, Sequence
 
+from dual_path import evaluation
+
 PLAIN = "plain"
 MARKDOWN = "markdown"
 STYLES = (PLAIN, MARKDOWN)
@@ -27,7 +29,7 @@ RETRIEVAL_COLUMNS = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "me
 RETRIEVAL_DIRECTIONS = (("image->text", "i2t"), ("text->image", "t2i"))
 PERSON_SEARCH_COLUMNS = (("top-1", "t2i_top1"), ("top-5", "t2i_top5"), ("top-10", "t2i_top10"),
                          ("mAP", "t2i_map"))
-RECALL_BY_SPLIT_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+RECALL_BY_SPLIT_COLUMNS = (*evaluation.RECALL_KEYS, "rsum")
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, style: str = PLAIN,

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from absl import app, flags
 
+from dual_path import evaluation
 from dual_path.atomic_write import write_atomically
 from experiments import run_experiments, tables
 
@@ -51,7 +52,6 @@ PUBLISHED_FLICKR8K_R1 = {
 }
 PUBLISHED_SOURCE = "../shared/README.md (Flickr8k 1K test split, ImageNet CNN features)"
 
-RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 NOT_RUN = "not run yet"
 
 # What each ablation table is run to check: (row, baseline row, least rsum ratio, claim). The
@@ -316,7 +316,7 @@ def ablation_table(dataset: str, records: dict[str, dict]) -> list[str]:
     for name in order:
         metrics = _metrics(rows[name], split)
         table_rows.append([name, rows[name]["description"],
-                           *(recall(metrics[column]) for column in RECALL_COLUMNS),
+                           *(recall(metrics[column]) for column in evaluation.RECALL_KEYS),
                            recall(metrics["rsum"]), validation_curve(rows[name]), _wall_time_of(rows[name])])
     lines += [
         *_ablation_setting(dataset),
