@@ -25,6 +25,8 @@ BEST_DIR = "best"
 RESULTS_NAME = "results.json"
 RUN_CONFIG_NAME = "config.json"
 RUN_FLAGS_NAME = "flags.txt"
+OLD_MODEL_CONFIG_NAME = "model_config.json"
+"""What runs wrote before config.json (with flags.json): named in load_run_config's error."""
 
 
 def write_json_atomically(path: str, value) -> None:
@@ -52,6 +54,12 @@ def load_run_config(model_dir: str) -> TrainConfig:
       ValueError: it cannot be read as a TrainConfig (names the file and the reason).
     """
     path = os.path.join(model_dir, RUN_CONFIG_NAME)
+    if not tf.io.gfile.exists(path) and tf.io.gfile.exists(os.path.join(model_dir, OLD_MODEL_CONFIG_NAME)):
+        raise FileNotFoundError(
+            f"{path} does not exist: {model_dir} was trained by an earlier dual-path (it has "
+            f"{OLD_MODEL_CONFIG_NAME}). Run its training command again, `dual-path-train "
+            f"--flagfile={os.path.join(model_dir, RUN_FLAGS_NAME)}`: finished stages are not "
+            "trained again, and it writes config.json")
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {model_dir} is not a dual-path model_dir")
     try:

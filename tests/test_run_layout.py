@@ -134,3 +134,12 @@ def test_restore_rebuilds_the_model_and_loads_the_chosen_checkpoint(tmp_path):
         assert restored.config == dataclasses.replace(config.model, weights=None)
         for expected, weight in zip(saved[name], restored.training_model.weights):
             np.testing.assert_array_equal(weight.numpy(), expected, err_msg=weight.path)
+
+
+def test_a_run_of_an_earlier_version_is_told_how_to_write_its_config(tmp_path):
+    """Runs trained before config.json have model_config.json and flags.txt: rerunning the
+    training command writes config.json without training finished stages again."""
+    (tmp_path / "model_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"trained by an earlier dual-path .*"
+                       r"dual-path-train --flagfile=.*flags.txt"):
+        run_layout.load_run_config(str(tmp_path))
