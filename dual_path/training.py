@@ -641,7 +641,9 @@ class Trainer:
         results = self.final_results(last_stage, done)
         if results["metrics"]:
             logging.info("final retrieval results of stage %d, %s: %s", last_stage,
-                         results["checkpoint"], results["metrics"])
+                         results["checkpoint"], ", ".join(
+                             f"{split} rsum {metrics['rsum']:.2f}"
+                             for split, metrics in results["metrics"].items()))
         if self.chief:
             run_layout.write_json_atomically(
                 os.path.join(self.config.model_dir, run_layout.RESULTS_NAME), results)
