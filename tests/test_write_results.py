@@ -213,6 +213,17 @@ def test_a_variant_of_the_main_run_joins_the_flickr8k_table_not_the_ablations(re
     assert "main_stage2_hardest" not in ablations
 
 
+def test_rows_that_choose_on_the_held_out_split_are_not_reported_as_dev(results_dir):
+    """A held-out row's "val" is the tail of train it chose on: it gets a table of its own,
+    never a line of the dev table next to the published figures."""
+    write_record(results_dir / "runs", "flickr8k", "main_held_out",
+                 {"val": metrics((19.4, 42.0, 54.6), (14.7, 40.4, 54.9), medr=(8.0, 8.0))}, 3643)
+    flickr8k = write_results.render(str(results_dir)).split("## Ablations", 1)[0]
+    dev_table, held_out = flickr8k.split("held out of train", 1)
+    assert "main_held_out" not in dev_table
+    assert "| main_held_out | 19.4 | 42.0 | 54.6 | 8 | 14.7 | 40.4 | 54.9 | 8 | 226.0 |" in held_out
+
+
 def test_main_rows_show_the_validation_curve_of_each_stage(tmp_path):
     runs = tmp_path / "runs"
     record = write_record(runs, "flickr8k", "main", {"val": metrics((9.0, 20.0, 30.0), (8.0, 20.0, 30.0))},
