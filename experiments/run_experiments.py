@@ -208,6 +208,13 @@ ROWS: dict[str, dict[str, Row]] = {
             "the hardest negative", (_config("flickr8k"),),
             ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main_held_out",
             held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_20_epochs": Row(
+            "flickr8k", "main_held_out_stage2_20_epochs",
+            "Stage II of main_held_out again from its stage I for 20 epochs (lr down 10x after 16), "
+            "validated every 5", (_config("flickr8k"),),
+            ("--stage=2", "--stage2_epochs=20", "--stage2_lr_boundaries=16",
+             "--validate_every_epochs=5"), True, stage1_from_row="main_held_out", held_out=True,
+            word_vectors=GLOVE),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),

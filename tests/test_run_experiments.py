@@ -98,7 +98,8 @@ def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
         "main", "main_mobilenet_0_25", "main_no_finetune", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
-        "main_held_out", "main_held_out_stage2_hardest", "both", "ranking_only", "instance_only",
+        "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs", "both",
+        "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
     assert list(run_experiments.ROWS["synthetic"]) == [
@@ -186,6 +187,9 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if row == "main_held_out_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
             assert values["stage1_from"] == "workspace/experiments/flickr8k/main_held_out"
+            continue
+        if row == "main_held_out_stage2_20_epochs":
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
