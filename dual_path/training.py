@@ -66,16 +66,14 @@ import tensorflow as tf
 from absl import logging
 
 from dual_path import checkpointing, embeddings, evaluation, feature_cache, image_path
-from dual_path import input_pipeline
-from dual_path import instance_classifier, instance_health, optimization, run_layout, task, text
-from dual_path import tensorboard_extras
+from dual_path import input_pipeline, instance_classifier, instance_health, optimization
+from dual_path import run_layout, task, tensorboard_extras, text
 from dual_path.checkpointing import NonFiniteLossError
 from dual_path.config import StageConfig, TrainConfig
 from dual_path.model import DualPath, build_dual_path
 from dual_path.validation import Validator
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-METRIC_NAMES = task.METRIC_NAMES
 
 
 def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
@@ -124,6 +122,7 @@ class StageState:
     @property
     def step(self) -> int:
         return int(self.variables.step.numpy())
+
 
 class Trainer:
     """Builds the model once and runs the requested stages, then the final evaluation."""
@@ -297,26 +296,27 @@ class Trainer:
           scalar) runs up to num_steps steps of `make_train_step` and returns (finite: bool
           scalar, values: the last step's {name: float32 scalar}); it stops after the first
           step with a non-finite value, which it leaves out of the means. log_means and
-          interval_means are {METRIC_NAMES: keras.metrics.Mean}, both updated every step; the
+          interval_means are {task.METRIC_NAMES: keras.metrics.Mean}, both updated every step; the
           caller reads and resets them (log interval, validation interval).
         """
         one_step = self.make_train_step(stage, optimizer, schedule, step, compiled=False)
         # Outside the strategy's scope: plain variables updated with the replica-reduced
         # values in cross-replica context, identical on every worker.
-        log_means = {name: keras.metrics.Mean(name=f"log_{name}") for name in METRIC_NAMES}
-        interval_means = {name: keras.metrics.Mean(name=f"interval_{name}") for name in METRIC_NAMES}
+        names = task.METRIC_NAMES
+        log_means = {name: keras.metrics.Mean(name=f"log_{name}") for name in names}
+        interval_means = {name: keras.metrics.Mean(name=f"interval_{name}") for name in names}
 
         @tf.function
         def train_loop(iterator, num_steps):
             finite = tf.constant(True)
-            values = {name: tf.constant(0.0) for name in METRIC_NAMES}
+            values = {name: tf.constant(0.0) for name in task.METRIC_NAMES}
             for _ in tf.range(num_steps):
                 values = one_step(iterator)
                 finite = tf.reduce_all(tf.stack([tf.math.is_finite(values[name])
-                                                 for name in METRIC_NAMES]))
+                                                 for name in task.METRIC_NAMES]))
                 if not finite:
                     break
-                for name in METRIC_NAMES:
+                for name in task.METRIC_NAMES:
                     log_means[name].update_state(values[name])
                     interval_means[name].update_state(values[name])
             return finite, values
@@ -487,7 +487,7 @@ class Trainer:
             finite, values = train_loop(iterator, tf.constant(num_steps, tf.int32))
             previous, current = current, state.step
             if not bool(finite):
-                bad = [name for name in METRIC_NAMES if not math.isfinite(float(values[name]))]
+                bad = [name for name in task.METRIC_NAMES if not math.isfinite(float(values[name]))]
                 raise NonFiniteLossError(
                     f"stage {stage.stage} step {current}: "
                     + ", ".join(f"{name} = {float(values[name])}" for name in bad)
