@@ -34,7 +34,7 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_hardest_negative", "stage1_from", "hardest_negative", "classifier",
                  "classifier_init", "dropout", "alpha", "weights", "stage2_backbone_trainable_blocks",
                  "stage2_backbone_lr_multiplier", "stage2_backbone_bn_lr_multiplier",
-                 "stage2_first_conv_lr_multiplier"]
+                 "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -96,7 +96,7 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_mobilenet_0_25", "main_no_finetune", "main_stage1_only",
+        "main", "main_mobilenet_0_25", "main_stage2_10_epochs", "main_no_finetune", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs", "both",
         "ranking_only", "instance_only",
@@ -122,7 +122,8 @@ def test_registry_rows_and_their_flagfiles():
     word_vectors = {name: row.word_vectors for name, row in run_experiments.ROWS["flickr8k"].items()
                     if name.startswith("main_stage")}
     assert word_vectors == {"main_stage1_only": "glove", "main_stage1_word2vec_captions": "captions",
-                            "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove"}
+                            "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove",
+                            "main_stage2_10_epochs": "glove"}
     # Stage II's ranking loss is chosen on the split held out of train, with the main recipe.
     held_out = run_experiments.ROWS["flickr8k"]["main_held_out_stage2_hardest"]
     assert held_out.held_out and held_out.stage1_from_row == "main_held_out"
@@ -164,9 +165,12 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["backbone"], values["alpha"]) == ("MobileNetV2", 1.0)
             assert values["weights"] == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
             assert values["stage2_backbone_trainable_blocks"] == 7
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             continue
-        if row == "main_no_finetune":
-            assert values["stage"] == "2" and values["stage2_backbone_trainable_blocks"] == 0
+        if row in ("main_stage2_10_epochs", "main_no_finetune"):
+            assert values["stage"] == "2"
+            assert values["stage2_backbone_trainable_blocks"] == (0 if row == "main_no_finetune" else 7)
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
             continue
         if row.startswith("main_stage1_"):
@@ -183,9 +187,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             continue
         if row == "main_held_out":
             assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         if row == "main_held_out_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             assert values["stage1_from"] == "workspace/experiments/flickr8k/main_held_out"
             continue
         if row == "main_held_out_stage2_20_epochs":
