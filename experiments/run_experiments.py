@@ -186,6 +186,12 @@ ROWS: dict[str, dict[str, Row]] = {
             "fine-tuning), 10 epochs as main_stage2_10_epochs", (_config("flickr8k"),),
             ("--stage=2", "--stage2_backbone_trainable_blocks=0", *STAGE2_10_EPOCHS), True,
             stage1_from_row="main", word_vectors=GLOVE),
+        "main_no_finetune_20_epochs": Row(
+            "flickr8k", "main_no_finetune_20_epochs",
+            "Stage II of the main run again from its stage I with the backbone frozen, for the "
+            "main recipe's 20 epochs", (_config("flickr8k"),),
+            ("--stage=2", "--stage2_backbone_trainable_blocks=0"), True, stage1_from_row="main",
+            word_vectors=GLOVE),
         "main_stage1_only": Row(
             "flickr8k", "main_stage1_only", "Stage I of the main recipe alone (GloVe)",
             (_config("flickr8k"),), ("--stage=1",), True, word_vectors=GLOVE),

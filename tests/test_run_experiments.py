@@ -96,7 +96,8 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_mobilenet_0_25", "main_stage2_10_epochs", "main_no_finetune", "main_stage1_only",
+        "main", "main_mobilenet_0_25", "main_stage2_10_epochs", "main_no_finetune",
+        "main_no_finetune_20_epochs", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs", "both",
         "ranking_only", "instance_only",
@@ -171,6 +172,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage"] == "2"
             assert values["stage2_backbone_trainable_blocks"] == (0 if row == "main_no_finetune" else 7)
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
+            continue
+        if row == "main_no_finetune_20_epochs":
+            assert values["stage"] == "2" and values["stage2_backbone_trainable_blocks"] == 0
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
             continue
         if row.startswith("main_stage1_"):

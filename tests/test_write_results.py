@@ -137,7 +137,7 @@ def test_missing_json_says_not_run_yet(tmp_path):
     page = write_results.render(str(tmp_path))
     flickr = section(page, "## Flickr8k")
     assert ("Not run yet: main, main_mobilenet_0_25, main_stage2_10_epochs, main_no_finetune, "
-            "main_stage1_only, "
+            "main_no_finetune_20_epochs, main_stage1_only, "
             "main_stage1_word2vec_captions, main_stage1_random_word_init, main_stage2_hardest, "
             "main_held_out, main_held_out_stage2_hardest, main_held_out_stage2_20_epochs "
             "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main,") in flickr
