@@ -231,6 +231,12 @@ ROWS: dict[str, dict[str, Row]] = {
             ("--stage=2", "--stage2_epochs=20", "--stage2_lr_boundaries=16",
              "--validate_every_epochs=5"), True, stage1_from_row="main_held_out", held_out=True,
             word_vectors=GLOVE),
+        "main_held_out_stage2_backbone_lr_1": Row(
+            "flickr8k", "main_held_out_stage2_backbone_lr_1",
+            "Stage II of main_held_out again from its stage I (10 epochs), the trained backbone "
+            "blocks at the base rate, not a tenth of it", (_config("flickr8k"),),
+            ("--stage=2", "--stage2_backbone_lr_multiplier=1", *STAGE2_10_EPOCHS), True,
+            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),

@@ -99,7 +99,8 @@ def test_registry_rows_and_their_flagfiles():
         "main", "main_mobilenet_0_25", "main_stage2_10_epochs", "main_no_finetune",
         "main_no_finetune_20_epochs", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
-        "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs", "both",
+        "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
+        "main_held_out_stage2_backbone_lr_1", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -202,6 +203,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             continue
         if row == "main_held_out_stage2_20_epochs":
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            continue
+        if row == "main_held_out_stage2_backbone_lr_1":
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            assert values["stage2_backbone_lr_multiplier"] == 1.0
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
