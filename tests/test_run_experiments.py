@@ -100,7 +100,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_no_finetune_20_epochs", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
-        "main_held_out_stage2_backbone_lr_1", "both",
+        "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -207,6 +207,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if row == "main_held_out_stage2_backbone_lr_1":
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_lr_multiplier"] == 1.0
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            continue
+        if row == "main_held_out_stage2_10_blocks":
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            assert values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         if row == "main_stage2_hardest":
