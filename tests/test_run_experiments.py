@@ -96,7 +96,8 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_mobilenet_0_25", "main_stage2_10_epochs", "main_no_finetune",
+        "main", "main_mobilenet_0_25", "main_stage2_7_blocks", "main_stage2_10_epochs",
+        "main_no_finetune",
         "main_no_finetune_20_epochs", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
@@ -125,7 +126,7 @@ def test_registry_rows_and_their_flagfiles():
                     if name.startswith("main_stage")}
     assert word_vectors == {"main_stage1_only": "glove", "main_stage1_word2vec_captions": "captions",
                             "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove",
-                            "main_stage2_10_epochs": "glove"}
+                            "main_stage2_10_epochs": "glove", "main_stage2_7_blocks": "glove"}
     # Stage II's ranking loss is chosen on the split held out of train, with the main recipe.
     held_out = run_experiments.ROWS["flickr8k"]["main_held_out_stage2_hardest"]
     assert held_out.held_out and held_out.stage1_from_row == "main_held_out"
@@ -166,19 +167,23 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage"] == "both" and values["stage1_loss_weights"] == "1:1:1"
             assert (values["backbone"], values["alpha"]) == ("MobileNetV2", 1.0)
             assert values["weights"] == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
-            assert values["stage2_backbone_trainable_blocks"] == 7
+            assert values["stage2_backbone_trainable_blocks"] == 10
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
+            continue
+        if row == "main_stage2_7_blocks":
+            assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             continue
         if row in ("main_stage2_10_epochs", "main_no_finetune"):
             assert values["stage"] == "2"
             assert values["stage2_backbone_trainable_blocks"] == (0 if row == "main_no_finetune" else 7)
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
-            assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main_stage2_7_blocks"
             continue
         if row == "main_no_finetune_20_epochs":
             assert values["stage"] == "2" and values["stage2_backbone_trainable_blocks"] == 0
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
-            assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main_stage2_7_blocks"
             continue
         if row.startswith("main_stage1_"):
             assert values["stage"] == "1" and values["backbone"] == "MobileNetV2", name
@@ -192,6 +197,9 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_bn_lr_multiplier"] is None
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
+        if row.startswith("main_held_out") and row != "main_held_out_stage2_10_blocks":
+            # The held-out rows ran before the split chose 10 blocks, and say so.
+            assert values["stage2_backbone_trainable_blocks"] == 7, name
         if row == "main_held_out":
             assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
