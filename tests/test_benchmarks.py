@@ -17,7 +17,7 @@ import pytest
 
 from data_prep import shared_data
 from experiments import config_flags
-from experiments.benchmarks import report, train_step
+from experiments.benchmarks import backbone_finetune, report, train_step
 
 from conftest import tiny_model_flags
 
@@ -253,3 +253,15 @@ def test_backbone_finetune_times_the_top_blocks_against_the_whole_backbone(tmp_p
     # small_cnn's last block is conv2, bn2, relu2, then the pool: 4 layers; 0 blocks: none.
     assert written["settings"]["trained_layers"] == {"1": 4, "0": 0}
     assert "last 1 blocks (  4 layers)" in stdout and "small_cnn at 32 px, batch 2" in stdout
+
+
+def test_backbone_finetune_times_the_configs_top_blocks_by_default(monkeypatch):
+    """Without --trainable_blocks the benchmark times the blocks stage II trains, read from the
+    training config, against none: the count is declared once, in the flagfile."""
+    monkeypatch.setattr(sys, "argv", ["backbone_finetune", *TINY_MODEL_FLAGS,
+                                      "--stage2_backbone_trainable_blocks=1"])
+    args, _ = backbone_finetune._parse_args()
+    assert args.trainable_blocks == (1, 0)
+    monkeypatch.setattr(sys, "argv", ["backbone_finetune"])
+    args, _ = backbone_finetune._parse_args()
+    assert args.trainable_blocks == (10, 0)  # experiments/configs/flickr8k.flags

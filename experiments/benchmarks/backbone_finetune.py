@@ -8,9 +8,10 @@ an SGD update of the trainable weights (the loss the squared norm of the pooled 
 cost is the backbone's, whatever the loss):
 
 (a) baseline: the whole backbone trainable, BatchNorm in training mode (stage II end to end);
-(b) for each N of --trainable_blocks: only the last N blocks and the layers after them trainable,
-    the rest frozen with its BN statistics (N = 0: nothing trains, the forward pass in training
-    mode with no backward); (b)/(a) is the speed-up;
+(b) for each N of --trainable_blocks (default: the config's --stage2_backbone_trainable_blocks,
+    then 0): only the last N blocks and the layers after them trainable, the rest frozen with its
+    BN statistics (N = 0: nothing trains, the forward pass in training mode with no backward);
+    (b)/(a) is the speed-up;
 (c) the forward pass alone in inference mode (what the feature cache pays once per view).
 
 Every figure is images per second.
@@ -18,7 +19,7 @@ Every figure is images per second.
 The backbone is the training config's, --config and any training flag as train_step takes them
 (default: experiments/configs/flickr8k.flags' MobileNetV2), and so is the batch size.
 
-    python -m experiments.benchmarks.backbone_finetune \\
+    python -m experiments.benchmarks.backbone_finetune --trainable_blocks=10,7,0 \\
         --output_json=experiments/results/benchmarks/backbone_finetune.json
 """
 import argparse
@@ -49,14 +50,18 @@ def _parse_args() -> tuple[argparse.Namespace, dict]:
     training config (--config and any training flag, as train_step takes them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     train_step.add_config_arguments(parser)
-    parser.add_argument("--trainable_blocks", type=_blocks, default=(7, 2, 0),
-                        help="the last N blocks trained in each timed variant (0: none)")
+    parser.add_argument("--trainable_blocks", type=_blocks, default=None,
+                        help="the last N blocks trained in each timed variant (0: none); default: "
+                        "the config's --stage2_backbone_trainable_blocks, then 0")
     parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps (tracing included)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each variant")
     report.add_output_argument(parser)
     args, flag_values = train_step.parse_config_flags(parser)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.trainable_blocks is None:
+        configured = flag_values.stage2_backbone_trainable_blocks
+        args.trainable_blocks = (configured, 0) if configured else (0,)
     model = config_flags.model_settings(flag_values)
     model["weights"] = train_step.runnable_weights(model["weights"])
     args.batch_size = flag_values.batch_size
