@@ -59,7 +59,7 @@ def test_flickr8k_flagfile_resolves_to_its_recipe():
         60, (0.05, 0.005), (50.0,), 8)
     assert stage1.loss_weights == config.LossWeights(1, 1, 1) and not stage1.train_backbone
     assert (stage2.train_backbone, stage2.backbone_lr_multiplier, stage2.backbone_trainable_blocks) == (
-        True, 0.1, 7)
+        True, 0.1, 10)
 
 
 def test_none_unsets_an_optional_number_and_bad_values_name_their_flag():
