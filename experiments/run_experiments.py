@@ -252,6 +252,12 @@ ROWS: dict[str, dict[str, Row]] = {
             "backbone's last 10 blocks, not 7", (_config("flickr8k"),),
             ("--stage=2", "--stage2_backbone_trainable_blocks=10", *STAGE2_10_EPOCHS), True,
             stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_13_blocks": Row(
+            "flickr8k", "main_held_out_stage2_13_blocks",
+            "Stage II of main_held_out again from its stage I (10 epochs), fine-tuning the "
+            "backbone's last 13 blocks, not 10", (_config("flickr8k"),),
+            ("--stage=2", "--stage2_backbone_trainable_blocks=13", *STAGE2_10_EPOCHS), True,
+            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),

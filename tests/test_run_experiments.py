@@ -101,7 +101,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_no_finetune_20_epochs", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
-        "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks", "both",
+        "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks",
+        "main_held_out_stage2_13_blocks", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -197,7 +198,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_bn_lr_multiplier"] is None
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
-        if row.startswith("main_held_out") and row != "main_held_out_stage2_10_blocks":
+        if row.startswith("main_held_out") and not row.endswith(("_10_blocks", "_13_blocks")):
             # The held-out rows ran before the split chose 10 blocks, and say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
         if row == "main_held_out":
@@ -217,9 +218,9 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_lr_multiplier"] == 1.0
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
-        if row == "main_held_out_stage2_10_blocks":
+        if row in ("main_held_out_stage2_10_blocks", "main_held_out_stage2_13_blocks"):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
-            assert values["stage2_backbone_trainable_blocks"] == 10
+            assert values["stage2_backbone_trainable_blocks"] == int(row.split("_")[-2])
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         if row == "main_stage2_hardest":

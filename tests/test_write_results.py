@@ -140,7 +140,8 @@ def test_missing_json_says_not_run_yet(tmp_path):
             "main_no_finetune, main_no_finetune_20_epochs, main_stage1_only, "
             "main_stage1_word2vec_captions, main_stage1_random_word_init, main_stage2_hardest, "
             "main_held_out, main_held_out_stage2_hardest, main_held_out_stage2_20_epochs, "
-            "main_held_out_stage2_backbone_lr_1, main_held_out_stage2_10_blocks "
+            "main_held_out_stage2_backbone_lr_1, main_held_out_stage2_10_blocks, "
+            "main_held_out_stage2_13_blocks "
             "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main,") in flickr
     assert "this implementation" not in flickr
     assert "| DeViSE | 4.5 |  |  |  | 6.7 |  |  |  |" in flickr
