@@ -231,8 +231,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "the hardest negative", (_config("flickr8k"),),
             ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main",
             word_vectors=GLOVE),
-        # Stage II's ranking loss and length chosen on the split held out of train (never on
-        # dev): the main recipe trained on the train list less its last 500 images, validated on
+        # Stage II's ranking loss, length, backbone rate and block count chosen on the split held
+        # out of train (never on dev): the main recipe trained on the train list less its last 500 images, validated on
         # those 500.
         "main_held_out": Row(
             "flickr8k", "main_held_out",
