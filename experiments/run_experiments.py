@@ -232,8 +232,8 @@ ROWS: dict[str, dict[str, Row]] = {
             ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main",
             word_vectors=GLOVE),
         # Stage II's ranking loss, length, backbone rate and block count chosen on the split held
-        # out of train (never on dev): the main recipe trained on the train list less its last 500 images, validated on
-        # those 500.
+        # out of train (never on dev): the main recipe trained on the train list less its last
+        # 500 images, validated on those 500.
         "main_held_out": Row(
             "flickr8k", "main_held_out",
             "The main recipe with a stage II of 10 epochs on the backbone's last 7 blocks, on the "
