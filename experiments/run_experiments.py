@@ -167,15 +167,20 @@ STAGE2_10_EPOCHS = ("--stage2_epochs=10", "--stage2_lr_boundaries=8")
 STAGE2_7_BLOCKS = "--stage2_backbone_trainable_blocks=7"
 
 
+def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...]) -> Row:
+    """Stage II of main_held_out again from its stage I for 10 epochs with one change (`change`
+    ends the description, `row_flags` make it): the probes that chose flickr8k.flags' stage II."""
+    return Row("flickr8k", f"main_held_out_stage2_{suffix}",
+               f"Stage II of main_held_out again from its stage I (10 epochs), {change}",
+               (_config("flickr8k"),), ("--stage=2", *row_flags, *STAGE2_10_EPOCHS), True,
+               stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
+
+
 def _held_out_blocks_row(blocks: int, instead_of: int) -> Row:
-    """Stage II of main_held_out again from its stage I (10 epochs), fine-tuning the backbone's
-    last `blocks` blocks: the probes that chose flickr8k.flags' block count."""
-    name = f"main_held_out_stage2_{blocks}_blocks"
-    return Row("flickr8k", name,
-               "Stage II of main_held_out again from its stage I (10 epochs), fine-tuning the "
-               f"backbone's last {blocks} blocks, not {instead_of}", (_config("flickr8k"),),
-               ("--stage=2", f"--stage2_backbone_trainable_blocks={blocks}", *STAGE2_10_EPOCHS),
-               True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
+    """The probe fine-tuning the backbone's last `blocks` blocks in place of `instead_of`."""
+    return _held_out_stage2_row(f"{blocks}_blocks",
+                                f"fine-tuning the backbone's last {blocks} blocks, not {instead_of}",
+                                (f"--stage2_backbone_trainable_blocks={blocks}",))
 
 
 # dataset -> row name -> Row, in table order.
@@ -240,12 +245,9 @@ ROWS: dict[str, dict[str, Row]] = {
             "train list less its last 500 images, validated on those 500",
             (_config("flickr8k"),), (STAGE2_7_BLOCKS, *STAGE2_10_EPOCHS), True, held_out=True,
             word_vectors=GLOVE),
-        "main_held_out_stage2_hardest": Row(
-            "flickr8k", "main_held_out_stage2_hardest",
-            "Stage II of main_held_out again from its stage I (10 epochs), with the paper's "
-            "ranking loss on the hardest negative", (_config("flickr8k"),),
-            ("--stage=2", "--stage2_hardest_negative", STAGE2_7_BLOCKS, *STAGE2_10_EPOCHS), True,
-            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_hardest": _held_out_stage2_row(
+            "hardest", "with the paper's ranking loss on the hardest negative",
+            ("--stage2_hardest_negative", STAGE2_7_BLOCKS)),
         "main_held_out_stage2_20_epochs": Row(
             "flickr8k", "main_held_out_stage2_20_epochs",
             "Stage II of main_held_out again from its stage I for 20 epochs (lr down 10x after 16), "
@@ -253,13 +255,16 @@ ROWS: dict[str, dict[str, Row]] = {
             ("--stage=2", STAGE2_7_BLOCKS, "--stage2_epochs=20", "--stage2_lr_boundaries=16",
              "--validate_every_epochs=5"), True, stage1_from_row="main_held_out", held_out=True,
             word_vectors=GLOVE),
-        "main_held_out_stage2_backbone_lr_1": Row(
-            "flickr8k", "main_held_out_stage2_backbone_lr_1",
-            "Stage II of main_held_out again from its stage I (10 epochs), the trained backbone "
-            "blocks at the base rate, not a tenth of it", (_config("flickr8k"),),
-            ("--stage=2", STAGE2_7_BLOCKS, "--stage2_backbone_lr_multiplier=1", *STAGE2_10_EPOCHS),
-            True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_backbone_lr_1": _held_out_stage2_row(
+            "backbone_lr_1", "the trained backbone blocks at the base rate, not a tenth of it",
+            (STAGE2_7_BLOCKS, "--stage2_backbone_lr_multiplier=1")),
         **{row.name: row for row in (_held_out_blocks_row(10, 7), _held_out_blocks_row(13, 10))},
+        "main_held_out_stage2_lr_0_02": _held_out_stage2_row(
+            "lr_0_02", "on the last 10 blocks at twice the base rate: lr 0.02, then 0.002 (the "
+            "backbone at a tenth of it)", ("--stage2_lr_values=0.02,0.002",)),
+        "main_held_out_stage2_loss_weights_2_1_0_1": _held_out_stage2_row(
+            "loss_weights_2_1_0_1", "on the last 10 blocks with the paper's stage II loss weights "
+            "rank:image:text 2:1:0.1, not 1:1:1", ("--stage2_loss_weights=2:1:0.1",)),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),

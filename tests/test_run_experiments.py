@@ -34,7 +34,8 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_hardest_negative", "stage1_from", "hardest_negative", "classifier",
                  "classifier_init", "dropout", "alpha", "weights", "stage2_backbone_trainable_blocks",
                  "stage2_backbone_lr_multiplier", "stage2_backbone_bn_lr_multiplier",
-                 "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries"]
+                 "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
+                 "stage2_lr_values", "stage2_loss_weights"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -102,7 +103,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
         "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks",
-        "main_held_out_stage2_13_blocks", "both",
+        "main_held_out_stage2_13_blocks", "main_held_out_stage2_lr_0_02",
+        "main_held_out_stage2_loss_weights_2_1_0_1", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -198,8 +200,9 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_bn_lr_multiplier"] is None
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
-        if row.startswith("main_held_out") and not row.endswith(("_10_blocks", "_13_blocks")):
-            # The held-out rows ran before the split chose 10 blocks, and say so.
+        on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_loss_weights_2_1_0_1")
+        if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
+            # The held-out rows that ran before the split chose 10 blocks say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
         if row == "main_held_out":
             assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
@@ -222,6 +225,13 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == int(row.split("_")[-2])
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            continue
+        if row in ("main_held_out_stage2_lr_0_02", "main_held_out_stage2_loss_weights_2_1_0_1"):
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            assert values["stage2_backbone_trainable_blocks"] == 10
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            assert (values["stage2_lr_values"], values["stage2_loss_weights"]) == (
+                (["0.02", "0.002"], "1:1:1") if row.endswith("_lr_0_02") else (["0.01", "0.001"], "2:1:0.1"))
             continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
