@@ -104,7 +104,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
         "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks",
         "main_held_out_stage2_13_blocks", "main_held_out_stage2_lr_0_02",
-        "main_held_out_stage2_loss_weights_2_1_0_1", "both",
+        "main_held_out_stage2_lr_0_04", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -200,7 +200,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_bn_lr_multiplier"] is None
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
-        on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_loss_weights_2_1_0_1")
+        on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
@@ -226,12 +226,12 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_trainable_blocks"] == int(row.split("_")[-2])
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
-        if row in ("main_held_out_stage2_lr_0_02", "main_held_out_stage2_loss_weights_2_1_0_1"):
+        if row in ("main_held_out_stage2_lr_0_02", "main_held_out_stage2_lr_0_04"):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
-            assert (values["stage2_lr_values"], values["stage2_loss_weights"]) == (
-                (["0.02", "0.002"], "1:1:1") if row.endswith("_lr_0_02") else (["0.01", "0.001"], "2:1:0.1"))
+            assert values["stage2_lr_values"] == (["0.02", "0.002"] if row.endswith("_lr_0_02")
+                                                  else ["0.04", "0.004"])
             continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
