@@ -172,6 +172,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["weights"] == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
+            assert values["stage2_lr_values"] == ["0.02", "0.002"]
             continue
         if row == "main_stage2_7_blocks":
             assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
