@@ -97,7 +97,8 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_mobilenet_0_25", "main_stage2_7_blocks", "main_stage2_10_epochs",
+        "main", "main_mobilenet_0_25", "main_stage2_lr_0_01", "main_stage2_7_blocks",
+        "main_stage2_10_epochs",
         "main_no_finetune",
         "main_no_finetune_20_epochs", "main_stage1_only",
         "main_stage1_word2vec_captions", "main_stage1_random_word_init", "main_stage2_hardest",
@@ -129,7 +130,8 @@ def test_registry_rows_and_their_flagfiles():
                     if name.startswith("main_stage")}
     assert word_vectors == {"main_stage1_only": "glove", "main_stage1_word2vec_captions": "captions",
                             "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove",
-                            "main_stage2_10_epochs": "glove", "main_stage2_7_blocks": "glove"}
+                            "main_stage2_10_epochs": "glove", "main_stage2_7_blocks": "glove",
+                            "main_stage2_lr_0_01": "glove"}
     # Stage II's ranking loss is chosen on the split held out of train, with the main recipe.
     held_out = run_experiments.ROWS["flickr8k"]["main_held_out_stage2_hardest"]
     assert held_out.held_out and held_out.stage1_from_row == "main_held_out"
@@ -173,6 +175,16 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            continue
+        ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
+                          and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
+                                          "main_held_out_stage2_lr_0_04"))
+        if ran_at_lr_0_01:
+            # The rows that ran before the held-out split chose 0.02 say so.
+            assert values["stage2_lr_values"] == ["0.01", "0.001"], name
+        if row == "main_stage2_lr_0_01":
+            assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 10
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             continue
         if row == "main_stage2_7_blocks":
             assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 7
