@@ -215,8 +215,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "flickr8k", "main_stage2_7_blocks",
             "The main recipe fine-tuning the backbone's last 7 blocks in stage II, the count before "
             "the held-out split chose 10", (_config("flickr8k"),), (STAGE2_7_BLOCKS, STAGE2_LR_0_01),
-            True,
-            word_vectors=GLOVE),
+            True, word_vectors=GLOVE),
         "main_stage2_10_epochs": Row(
             "flickr8k", "main_stage2_10_epochs",
             "Stage II of main_stage2_7_blocks again from its stage I for 10 epochs (lr down 10x "
@@ -228,8 +227,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "Stage II of main_stage2_7_blocks again from its stage I with the backbone frozen (no "
             "fine-tuning), 10 epochs as main_stage2_10_epochs", (_config("flickr8k"),),
             ("--stage=2", "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01, *STAGE2_10_EPOCHS),
-            True,
-            stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
+            True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
         "main_no_finetune_20_epochs": Row(
             "flickr8k", "main_no_finetune_20_epochs",
             "Stage II of main_stage2_7_blocks again from its stage I with the backbone frozen, for "
@@ -271,8 +269,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "Stage II of main_held_out again from its stage I for 20 epochs (lr down 10x after 16), "
             "validated every 5", (_config("flickr8k"),),
             ("--stage=2", STAGE2_7_BLOCKS, STAGE2_LR_0_01, "--stage2_epochs=20",
-             "--stage2_lr_boundaries=16", "--validate_every_epochs=5"), True, stage1_from_row="main_held_out", held_out=True,
-            word_vectors=GLOVE),
+             "--stage2_lr_boundaries=16", "--validate_every_epochs=5"), True,
+            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_stage2_backbone_lr_1": _held_out_stage2_row(
             "backbone_lr_1", "the trained backbone blocks at the base rate, not a tenth of it",
             (STAGE2_7_BLOCKS, STAGE2_LR_0_01, "--stage2_backbone_lr_multiplier=1")),
