@@ -193,6 +193,12 @@ class StageConfig:
         "lr multiplier of the backbone's BatchNorm scales and offsets (the original's: 0.001; "
         "the moving statistics of a trained BN follow Keras' momentum, not an lr); default: the "
         "backbone's.", {2: None}, default=None)
+    backbone_bn_frozen: bool = stage_setting(
+        "Keep the trained backbone's BatchNorm layers frozen: they normalise with their moving "
+        "statistics, which stay as they are, and their scales and offsets do not train (Keras' "
+        "fine-tuning advice), so the trained blocks see the features stage I's cached ones came "
+        "from; off, they normalise with batch statistics and train (the original's).",
+        {2: False}, default=False)
     first_conv_lr_multiplier: float | None = stage_setting(
         "lr multiplier of the backbone's first conv kernel (the original's: 1e-4); default: the "
         "backbone's.", {2: None}, default=None)
@@ -300,6 +306,10 @@ class TrainConfig:
                 raise ValueError(f"stage {stage.stage}: the top of the backbone to train "
                                  f"(from {partial[0]!r}, last {partial[1]} blocks) is given, but "
                                  f"the stage freezes the backbone")
+            if stage.backbone_bn_frozen and stage.backbone_bn_lr_multiplier is not None:
+                raise ValueError(f"stage {stage.stage}: the backbone's BatchNorm layers are frozen "
+                                 f"(backbone_bn_frozen), so they take no lr multiplier (got "
+                                 f"{stage.backbone_bn_lr_multiplier})")
         if self.stage1_from and numbers != [2]:
             raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
                              f"stage I: train stage 2 only, not stages {numbers}")

@@ -195,10 +195,11 @@ def first_trainable_layer(backbone: keras.Model, *, from_layer: str | None = Non
 
 
 def train_top_of_backbone(backbone: keras.Model, *, from_layer: str | None = None,
-                          blocks: int | None = None) -> list[str]:
+                          blocks: int | None = None, freeze_batch_norm: bool = False) -> list[str]:
     """Makes only the top of backbone trainable (`first_trainable_layer`) and freezes the layers
     below: weights and BatchNormalization moving statistics (a frozen Keras BN normalises with
-    its moving statistics and does not update them).
+    its moving statistics and does not update them). With freeze_batch_norm the top's BN layers
+    are frozen too, so the top's features in training mode are its inference-mode features.
 
     Returns:
       the names of the trainable layers, in graph order.
@@ -209,5 +210,6 @@ def train_top_of_backbone(backbone: keras.Model, *, from_layer: str | None = Non
     # Each layer is set: Keras does not pass a model's trainable on to the layers of a nested
     # model that were set on their own before.
     for index, layer in enumerate(layers):
-        layer.trainable = index >= first
-    return [layer.name for layer in layers[first:]]
+        layer.trainable = index >= first and not (
+            freeze_batch_norm and isinstance(layer, keras.layers.BatchNormalization))
+    return [layer.name for layer in layers[first:] if layer.trainable]

@@ -202,7 +202,7 @@ class Trainer:
         if stage.train_backbone:
             trained = image_path.train_top_of_backbone(
                 self.model.backbone, from_layer=stage.backbone_trainable_from,
-                blocks=stage.backbone_trainable_blocks)
+                blocks=stage.backbone_trainable_blocks, freeze_batch_norm=stage.backbone_bn_frozen)
             if trained:
                 logging.info("stage %d trains %d of the backbone's layers, from %s on",
                              stage.stage, len(trained), trained[0])

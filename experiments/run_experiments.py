@@ -277,6 +277,10 @@ ROWS: dict[str, dict[str, Row]] = {
         **{row.name: row for row in (_held_out_blocks_row(10, 7), _held_out_blocks_row(13, 10))},
         **{row.name: row
            for row in (_held_out_lr_row(0.02, "twice"), _held_out_lr_row(0.04, "four times"))},
+        "main_held_out_stage2_bn_frozen": _held_out_stage2_row(
+            "bn_frozen", "as main_held_out_stage2_lr_0_02 with the trained blocks' BatchNorm "
+            "layers frozen (moving statistics, scales and offsets kept)",
+            ("--stage2_backbone_bn_frozen",)),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),

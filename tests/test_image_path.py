@@ -15,6 +15,10 @@ def mobilenet_v2() -> keras.Model:
     return build_image_backbone("MobileNetV2", weights=None, input_size=96)
 
 
+def layer_named(model: keras.Model, name: str) -> keras.layers.Layer:
+    return next(layer for layer in leaf_layers(model) if layer.name == name)
+
+
 @pytest.mark.parametrize("name, block", [
     ("conv4_block6_2_conv", "conv4_block6"), ("conv1_conv", None), ("avg_pool", None),  # ResNet
     ("block_16_project_BN", "block_16"), ("expanded_conv_depthwise", "expanded_conv"),
@@ -51,6 +55,24 @@ def test_training_the_top_keeps_the_frozen_layers_weights_and_bn_statistics(mobi
         np.testing.assert_array_equal(before, weight.numpy())
     assert not np.array_equal(top_before, top_bn.moving_mean.numpy())  # a trained BN updates
     assert {variable.path.split("/")[0] for variable in mobilenet_v2.trainable_variables} <= set(trained)
+
+
+def test_freezing_the_tops_batch_norm_keeps_training_mode_at_the_inference_features(mobilenet_v2):
+    """With freeze_batch_norm the top's convs train and its BN layers neither train nor use batch
+    statistics: the features the cached ones of stage I came from. Without it they differ."""
+    images = np.random.default_rng(1).uniform(0, 255, (4, 96, 96, 3)).astype("float32")
+    trained = train_top_of_backbone(mobilenet_v2, blocks=2, freeze_batch_norm=True)
+    assert "block_15_expand" in trained and "Conv_1" in trained
+    assert not any(name.endswith(("_BN", "_bn")) for name in trained)
+    top_bn = layer_named(mobilenet_v2, "Conv_1_bn")
+    before = top_bn.moving_mean.numpy().copy()
+    np.testing.assert_allclose(mobilenet_v2(images, training=True),
+                               mobilenet_v2(images, training=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(before, top_bn.moving_mean.numpy())
+    assert {variable.path.split("/")[0] for variable in mobilenet_v2.trainable_variables} == {
+        name for name in trained if layer_named(mobilenet_v2, name).weights}
+    train_top_of_backbone(mobilenet_v2, blocks=2)
+    assert not np.allclose(mobilenet_v2(images, training=True), mobilenet_v2(images, training=False))
 
 
 def test_a_second_call_sets_every_layer_again(mobilenet_v2):

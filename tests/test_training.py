@@ -111,6 +111,25 @@ def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_
     assert not block1 & set(multipliers)
 
 
+def test_stage2_with_frozen_bn_trains_the_top_blocks_convs_only(shard_dir, tmp_path):
+    """--stage2_backbone_bn_frozen: block 2's conv trains, its BN keeps scale, offset and
+    moving statistics, so stage II's crops reach the heads as stage I's cached features did."""
+    partial = stage(2, backbone_lr_multiplier=0.02, backbone_trainable_blocks=1,
+                    backbone_bn_frozen=True)
+    trainer = training.Trainer(tiny_config(shard_dir, tmp_path / "run", [stage(1), partial]))
+    trainer.run_stage(trainer.config.stages[0])
+    before = snapshot(trainer.model.backbone.weights)
+    trainer.run_stage(partial)
+    assert changed(before, snapshot(trainer.model.backbone.weights)) == {"small_cnn_conv2/kernel"}
+    assert trainer._lr_multipliers(partial)["small_cnn_conv2/kernel"] == 0.02
+
+
+def test_frozen_bn_with_a_bn_lr_multiplier_is_refused(shard_dir, tmp_path):
+    both = stage(2, backbone_bn_frozen=True, backbone_bn_lr_multiplier=0.001)
+    with pytest.raises(ValueError, match="stage 2: the backbone's BatchNorm layers are frozen"):
+        tiny_config(shard_dir, tmp_path / "run", [both])
+
+
 def test_stage2_multipliers_of_the_whole_backbone(shard_dir, tmp_path):
     """The first conv's kernel at its own multiplier, BN at the backbone's when not given."""
     whole = stage(2, backbone_lr_multiplier=0.02, first_conv_lr_multiplier=1e-4)
