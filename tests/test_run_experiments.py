@@ -105,7 +105,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out", "main_held_out_stage2_hardest", "main_held_out_stage2_20_epochs",
         "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks",
         "main_held_out_stage2_13_blocks", "main_held_out_stage2_lr_0_02",
-        "main_held_out_stage2_lr_0_04", "main_held_out_stage2_bn_frozen", "both",
+        "main_held_out_stage2_lr_0_04", "main_held_out_stage2_lr_0_02_rerun",
+        "main_held_out_stage2_bn_frozen", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -179,6 +180,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
+                                          "main_held_out_stage2_lr_0_02_rerun",
                                           "main_held_out_stage2_bn_frozen"))
         if ran_at_lr_0_01:
             # The rows that ran before the held-out split chose 0.02 say so.
@@ -214,7 +216,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_bn_lr_multiplier"] is None
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
-        on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_bn_frozen")
+        on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
@@ -247,9 +249,9 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_lr_values"] == (["0.02", "0.002"] if row.endswith("_lr_0_02")
                                                   else ["0.04", "0.004"])
             continue
-        if row == "main_held_out_stage2_bn_frozen":
+        if row in ("main_held_out_stage2_lr_0_02_rerun", "main_held_out_stage2_bn_frozen"):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
-            assert values["stage2_backbone_bn_frozen"] is True
+            assert values["stage2_backbone_bn_frozen"] is row.endswith("_bn_frozen")
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
