@@ -252,6 +252,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if row in ("main_held_out_stage2_lr_0_02_rerun", "main_held_out_stage2_bn_frozen"):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_bn_frozen"] is row.endswith("_bn_frozen")
+            assert values["stage2_backbone_lr_multiplier"] == (0.01 if row.endswith("_bn_frozen")
+                                                               else 0.1)
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
