@@ -287,6 +287,10 @@ ROWS: dict[str, dict[str, Row]] = {
             "at a hundredth of the base rate, not a tenth (at a tenth the image path collapsed "
             "within 50 steps: image accuracy 0, ranking loss 12.4 = 2 x 31 negatives x margin)",
             ("--stage2_backbone_bn_frozen", "--stage2_backbone_lr_multiplier=0.01")),
+        "main_held_out_stage2_loss_weights_2_1_0_1": _held_out_stage2_row(
+            "loss_weights_2_1_0_1", "as main_held_out_stage2_lr_0_02_rerun with the paper's "
+            "stage II loss weights rank:image:text 2:1:0.1, not 1:1:1",
+            ("--stage2_loss_weights=2:1:0.1",)),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),
