@@ -35,7 +35,8 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "classifier_init", "dropout", "alpha", "weights", "stage2_backbone_trainable_blocks",
                  "stage2_backbone_lr_multiplier", "stage2_backbone_bn_lr_multiplier",
                  "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
-                 "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen"]
+                 "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
+                 "embedding_lr_multiplier"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -106,7 +107,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_backbone_lr_1", "main_held_out_stage2_10_blocks",
         "main_held_out_stage2_13_blocks", "main_held_out_stage2_lr_0_02",
         "main_held_out_stage2_lr_0_04", "main_held_out_stage2_lr_0_02_rerun",
-        "main_held_out_stage2_bn_frozen", "main_held_out_stage2_loss_weights_2_1_0_1", "both",
+        "main_held_out_stage2_bn_frozen", "main_held_out_stage2_loss_weights_2_1_0_1",
+        "main_held_out_embedding_lr_1", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -176,13 +178,15 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert values["embedding_lr_multiplier"] == 0.001
             continue
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
                                           "main_held_out_stage2_lr_0_02_rerun",
                                           "main_held_out_stage2_bn_frozen",
-                                          "main_held_out_stage2_loss_weights_2_1_0_1"))
+                                          "main_held_out_stage2_loss_weights_2_1_0_1",
+                                          "main_held_out_embedding_lr_1"))
         if ran_at_lr_0_01:
             # The rows that ran before the held-out split chose 0.02 say so.
             assert values["stage2_lr_values"] == ["0.01", "0.001"], name
@@ -218,7 +222,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
-                        "_2_1_0_1")
+                        "_2_1_0_1", "_embedding_lr_1")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
@@ -263,6 +267,12 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if row == "main_held_out_stage2_loss_weights_2_1_0_1":
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_loss_weights"] == "2:1:0.1"
+            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            continue
+        if row == "main_held_out_embedding_lr_1":
+            assert values["stage"] == "both" and values["embedding_lr_multiplier"] == 1.0
+            assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
