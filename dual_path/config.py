@@ -26,6 +26,7 @@ WORD_EMBEDDING_INITS = ("word2vec", "random")
 FLIP_MODES = ("swap_left_right", "plain", "off")
 LR_BOUNDARY_UNITS = ("epochs", "steps")
 CHECKPOINT_CHOICES = ("best", "last")
+BACKBONE_BN_STATISTICS = ("pretrained", "training_views")
 REQUIRED = dataclasses.MISSING
 """setting()'s default of a field without one: its flag is required."""
 
@@ -277,6 +278,14 @@ class TrainConfig:
     stage1_from: str | None = setting(
         None, "With stage II alone: start from the finished stage I of this other run (its "
         "model_dir) instead of model_dir's own.")
+    backbone_bn_statistics: str = setting(
+        "pretrained", "The backbone's BatchNorm moving statistics from a fresh stage I on: "
+        "pretrained (its weights', ImageNet's), or training_views: re-estimated first as the mean "
+        "batch statistics of one augmented view of every training image, in batches of "
+        "batch_size (image_path.reestimate_batch_norm_statistics), so that the frozen backbone "
+        "normalises as MatConvNet's stage I and stage II's trained blocks do, with batch "
+        "statistics; stage I's feature cache, evaluation and checkpoints hold them.",
+        choices=BACKBONE_BN_STATISTICS)
     word_embedding_init: str = setting(
         "word2vec", "word2vec: the shard folder's word2vec_init.npy (random where it is absent); "
         "random: Keras' default init.", choices=WORD_EMBEDDING_INITS)
@@ -314,7 +323,7 @@ class TrainConfig:
             raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
                              f"stage I: train stage 2 only, not stages {numbers}")
         for name in ("flip", "lr_boundary_unit", "results_checkpoint", "word_embedding_init",
-                     "optimizer", "classifier_init"):
+                     "optimizer", "classifier_init", "backbone_bn_statistics"):
             choices = next(field.metadata["choices"] for field in dataclasses.fields(self)
                            if field.name == name)
             if getattr(self, name) not in choices:

@@ -16,9 +16,11 @@ frozen, BatchNormalization statistics included.
 """
 import os
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 SMALL_CNN = "small_cnn"
 IMAGENET = "imagenet"
@@ -213,3 +215,56 @@ def train_top_of_backbone(backbone: keras.Model, *, from_layer: str | None = Non
         layer.trainable = index >= first and not (
             freeze_batch_norm and isinstance(layer, keras.layers.BatchNormalization))
     return [layer.name for layer in layers[first:] if layer.trainable]
+
+
+def reestimate_batch_norm_statistics(backbone: keras.Model, image_batches: Iterable) -> int:
+    """Sets the moving mean and variance of every BatchNormalization layer of backbone to the
+    mean, over image_batches, of the batch statistics that layer normalises with in training
+    mode (each layer's inputs coming from the layers below it, normalised by batch statistics
+    too): the statistics stage II's batch-statistics BN would settle at on these images.
+
+    Keras' own update is an exponential moving average, weighted towards the last batches, so
+    each batch runs with momentum 0 (moving statistics := the batch's) and the values are averaged
+    here. The layers' trainable flags and momentum are put back; no weight other than the moving
+    statistics changes.
+
+    Args:
+      backbone: float32 [B, S, S, 3] RGB in 0..255 -> [B, F], as `build_image_backbone`.
+      image_batches: float32 [B, S, S, 3] batches of images in 0..255, B >= 2.
+
+    Returns:
+      the number of batches averaged.
+
+    Raises:
+      ValueError: image_batches is empty.
+    """
+    layers = [layer for layer in leaf_layers(backbone)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.trainable, layer.momentum) for layer in layers]
+    statistics = [(layer.moving_mean, layer.moving_variance) for layer in layers]
+    pretrained = [[keras.ops.convert_to_numpy(variable) for variable in pair] for pair in statistics]
+    sums = [[np.zeros(value.shape, np.float64) for value in pair] for pair in pretrained]
+    batches = 0
+    for layer in layers:
+        layer.trainable, layer.momentum = True, 0.0
+    try:
+        forward = tf.function(lambda images: backbone(images, training=True))
+        for images in image_batches:
+            forward(images)
+            for pair_sums, pair in zip(sums, statistics):
+                for total, variable in zip(pair_sums, pair):
+                    total += keras.ops.convert_to_numpy(variable)
+            batches += 1
+        if not batches:
+            raise ValueError(f"no images to re-estimate the BatchNorm statistics of {backbone.name!r} on")
+        averages = [[total / batches for total in pair_sums] for pair_sums in sums]
+    except BaseException:
+        averages = pretrained  # an interrupted pass leaves the statistics as they were
+        raise
+    finally:
+        for (trainable, momentum), layer in zip(saved, layers):
+            layer.trainable, layer.momentum = trainable, momentum
+        for pair, values in zip(statistics, averages):
+            for variable, value in zip(pair, values):
+                variable.assign(value.astype(np.float32))
+    return batches

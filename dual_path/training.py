@@ -74,6 +74,9 @@ from dual_path.model import DualPath, build_dual_path
 from dual_path.validation import Validator
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# Added to the run's seed for the views the BatchNorm statistics are re-estimated on, so that
+# they are not the feature cache's first views.
+_BN_STATISTICS_SEED_OFFSET = 7_919
 
 
 def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
@@ -379,6 +382,22 @@ class Trainer:
             variable.assign(value)
         return features, labels
 
+    def reestimate_backbone_batch_norm(self) -> None:
+        """Sets the backbone's BatchNorm moving statistics from one augmented view of every
+        training image (`image_path.reestimate_batch_norm_statistics`), in full batches of
+        batch_size, the views drawn as the feature cache draws them (a seed of its own)."""
+        config = self.config
+        start = time.monotonic()
+        views = input_pipeline.augmented_view_dataset(
+            config.shard_dir, views=1, batch_size=config.batch_size,
+            image_size=config.model.image_size, seed=config.seed + _BN_STATISTICS_SEED_OFFSET,
+            flip=config.flip)
+        batches = image_path.reestimate_batch_norm_statistics(
+            self.model.backbone,
+            (batch["image"] for batch in views if batch["image"].shape[0] == config.batch_size))
+        logging.info("re-estimated the backbone's BatchNorm statistics on %d batches of %d training "
+                     "views in %.1f s", batches, config.batch_size, time.monotonic() - start)
+
     def imprint_classifier(self, stage: StageConfig) -> None:
         """Sets the instance classifier(s) from the image head's features of every training
         image (`instance_classifier.imprint`): the head's whole-set training-mode output,
@@ -430,8 +449,11 @@ class Trainer:
                          schedule.value_at(resumed_step))
         elif stage.stage == 2:
             checkpointing.load_stage1_final(self.model, self._stage1_dir)
-        elif self.config.classifier_init == "imprint":
-            self.imprint_classifier(stage)
+        else:
+            if self.config.backbone_bn_statistics == "training_views":
+                self.reestimate_backbone_batch_norm()
+            if self.config.classifier_init == "imprint":
+                self.imprint_classifier(stage)
         return StageState(stage, schedule, optimizer, variables, checkpoints,
                           self._summary_writers(stage.stage))
 
