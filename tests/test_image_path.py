@@ -1,13 +1,15 @@
 """The image path: which layers of a keras.applications backbone are its blocks, and that
 training only the top leaves the rest, BN statistics included, as it was; each backbone's own
-preprocessing of 0..255 RGB pixels, worked out by hand; small_cnn's blocks. test_model.py
+preprocessing of 0..255 RGB pixels, worked out by hand; small_cnn's blocks; BatchNorm
+statistics re-estimated as the mean of the batch statistics, worked out with numpy. test_model.py
 checks unknown backbones, weights files and MobileNet's preprocessing inside the model."""
 import keras
 import numpy as np
 import pytest
 
 from dual_path.image_path import (BackbonePreprocessing, block_of, build_image_backbone,
-                                  first_trainable_layer, leaf_layers, train_top_of_backbone)
+                                  first_trainable_layer, leaf_layers,
+                                  reestimate_batch_norm_statistics, train_top_of_backbone)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,79 @@ def test_small_cnn_halves_the_side_per_block_from_pixels_scaled_to_plus_minus_1(
 def test_small_cnn_has_no_imagenet_weights_and_no_width_multiplier(options, message):
     with pytest.raises(ValueError, match=message):
         build_image_backbone("small_cnn", input_size=32, **options)
+
+
+def _small_cnn_and_batches(count: int) -> tuple[keras.Model, list[np.ndarray]]:
+    """A frozen random small_cnn on 32x32 images and `count` batches of 8 images whose pixels
+    are far from ImageNet-like (bright, low contrast), so their statistics differ from 0 / 1."""
+    backbone = build_image_backbone("small_cnn", weights=None, input_size=32,
+                                    small_cnn_widths=(8, 16))
+    backbone.trainable = False
+    rng = np.random.default_rng(3)
+    return backbone, [rng.uniform(180, 255, (8, 32, 32, 3)).astype("float32") for _ in range(count)]
+
+
+def test_reestimated_statistics_are_the_mean_of_each_batchs_statistics():
+    """The first BN's moving mean and variance become the mean over batches of its input's
+    per-batch mean and (biased) variance over batch and pixels; the layers keep their trainable
+    flag and momentum, and no other weight changes. In inference mode the backbone then gives
+    about the features of training mode (batch statistics) on a batch of all the images."""
+    backbone, batches = _small_cnn_and_batches(4)
+    conv1 = keras.Model(backbone.input, backbone.get_layer("small_cnn_conv1").output)
+    outputs = [np.asarray(conv1(images), np.float64) for images in batches]
+    expected_mean = np.mean([output.mean(axis=(0, 1, 2)) for output in outputs], axis=0)
+    expected_variance = np.mean([output.var(axis=(0, 1, 2)) for output in outputs], axis=0)
+    batch_norms = [layer for layer in leaf_layers(backbone)
+                   if isinstance(layer, keras.layers.BatchNormalization)]
+    others = {weight.path: weight.numpy().copy() for weight in backbone.weights
+              if "moving_" not in weight.path}
+    everything = np.concatenate(batches)
+    before = np.abs(backbone(everything, training=False) - _training_mode(backbone, everything)).mean()
+
+    assert reestimate_batch_norm_statistics(backbone, iter(batches)) == 4
+
+    first = backbone.get_layer("small_cnn_bn1")
+    np.testing.assert_allclose(first.moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(first.moving_variance.numpy(), expected_variance, rtol=1e-4)
+    assert [(layer.trainable, layer.momentum) for layer in batch_norms] == [(False, 0.99)] * 2
+    for weight in backbone.weights:
+        if weight.path in others:
+            np.testing.assert_array_equal(weight.numpy(), others[weight.path])
+    after = np.abs(backbone(everything, training=False) - _training_mode(backbone, everything)).mean()
+    assert after < 0.1 * before
+
+
+def _training_mode(backbone: keras.Model, images: np.ndarray) -> np.ndarray:
+    """backbone's training-mode (batch statistics) features of images, its BN layers as they were."""
+    batch_norms = [layer for layer in leaf_layers(backbone)
+                   if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.trainable, [weight.numpy() for weight in layer.weights]) for layer in batch_norms]
+    for layer in batch_norms:
+        layer.trainable = True
+    features = np.asarray(backbone(images, training=True))
+    for layer, (trainable, weights) in zip(batch_norms, saved):
+        layer.trainable = trainable
+        layer.set_weights(weights)
+    return features
+
+
+def _fail_after(batches: list, count: int):
+    yield from batches[:count]
+    raise OSError("image shard unreadable")
+
+
+@pytest.mark.parametrize("batches, error", [
+    ([], "no images to re-estimate the BatchNorm statistics of 'image_backbone' on"),
+    (None, "image shard unreadable"),
+])
+def test_a_failed_reestimation_leaves_the_statistics_as_they_were(batches, error):
+    """Nothing to average, or a reader failing after two batches: the error comes through and
+    the moving statistics, trainable flags and momentum are the backbone's before the call."""
+    backbone, images = _small_cnn_and_batches(3)
+    statistics = {weight.path: weight.numpy().copy() for weight in backbone.weights}
+    with pytest.raises((ValueError, OSError), match=error):
+        reestimate_batch_norm_statistics(backbone, _fail_after(images, 2) if batches is None else batches)
+    for weight in backbone.weights:
+        np.testing.assert_array_equal(weight.numpy(), statistics[weight.path])
+    assert all(not layer.trainable and layer.momentum == 0.99 for layer in leaf_layers(backbone)
+               if isinstance(layer, keras.layers.BatchNormalization))

@@ -90,6 +90,33 @@ def test_stage1_keeps_the_backbone_and_its_bn_statistics_stage2_trains_them(shar
     assert (logs / "validation" / "projector_config.pbtxt").exists()
 
 
+def test_training_view_bn_statistics_are_set_once_before_stage1_and_start_stage2(shard_dir,
+                                                                                 tmp_path):
+    """--backbone_bn_statistics=training_views: a fresh stage I first sets the backbone's
+    moving statistics from the training views and trains with them, its weights untouched;
+    stage II starts from them (stage I's checkpoint), and a run resumed after stage I does not set them
+    again."""
+    config = tiny_config(shard_dir, tmp_path / "run", [stage(1, feature_views=2), stage(2)],
+                         backbone_bn_statistics="training_views")
+    trainer = training.Trainer(config)
+    backbone = trainer.model.backbone
+    before = snapshot(backbone.weights)
+    trainer.run_stage(config.stages[0])
+    after_stage1 = snapshot(backbone.weights)
+    assert changed(before, after_stage1) == {path for path in before if "moving_" in path}
+
+    resumed = training.Trainer(config)
+    calls = []
+    resumed.reestimate_backbone_batch_norm = lambda: calls.append(True)
+    resumed.run_stage(config.stages[0])
+    state = resumed._start_stage(config.stages[1])
+    assert not calls and state.step == 0
+    assert changed(after_stage1, snapshot(resumed.model.backbone.weights)) == set()
+    with pytest.raises(ValueError, match="backbone_bn_statistics must be one of "
+                                         r"\('pretrained', 'training_views'\), got 'imagenet'"):
+        tiny_config(shard_dir, tmp_path / "other", [stage(1)], backbone_bn_statistics="imagenet")
+
+
 def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_dir, tmp_path):
     """Only small_cnn's block 2 trains in stage II: block 1 keeps its weights and its BN moving
     statistics; the BN scales and the first conv's kernel get their own lr multipliers."""
