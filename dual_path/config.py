@@ -26,7 +26,7 @@ WORD_EMBEDDING_INITS = ("word2vec", "random")
 FLIP_MODES = ("swap_left_right", "plain", "off")
 LR_BOUNDARY_UNITS = ("epochs", "steps")
 CHECKPOINT_CHOICES = ("best", "last")
-BACKBONE_BN_STATISTICS = ("pretrained", "training_views")
+BACKBONE_BN_STATISTICS = ("pretrained", "training_views", "training_views_stage2_top")
 REQUIRED = dataclasses.MISSING
 """setting()'s default of a field without one: its flag is required."""
 
@@ -280,12 +280,13 @@ class TrainConfig:
         "model_dir) instead of model_dir's own.")
     backbone_bn_statistics: str = setting(
         "pretrained", "The backbone's BatchNorm moving statistics from a fresh stage I on: "
-        "pretrained (its weights', ImageNet's), or training_views: re-estimated first as the mean "
+        "pretrained (its weights', ImageNet's); training_views: re-estimated first as the mean "
         "batch statistics of one augmented view of every training image, in batches of "
         "batch_size (image_path.reestimate_batch_norm_statistics), so that the frozen backbone "
-        "normalises as MatConvNet's stage I and stage II's trained blocks do, with batch "
-        "statistics; stage I's feature cache, evaluation and checkpoints hold them.",
-        choices=BACKBONE_BN_STATISTICS)
+        "normalises as MatConvNet's stage I does, with batch statistics; "
+        "training_views_stage2_top: only those of the top stage II trains with batch statistics, "
+        "so that stage II starts from the features stage I learnt on. Stage I's feature cache, "
+        "evaluation and checkpoints hold them.", choices=BACKBONE_BN_STATISTICS)
     word_embedding_init: str = setting(
         "word2vec", "word2vec: the shard folder's word2vec_init.npy (random where it is absent); "
         "random: Keras' default init.", choices=WORD_EMBEDDING_INITS)
@@ -319,6 +320,12 @@ class TrainConfig:
                 raise ValueError(f"stage {stage.stage}: the backbone's BatchNorm layers are frozen "
                                  f"(backbone_bn_frozen), so they take no lr multiplier (got "
                                  f"{stage.backbone_bn_lr_multiplier})")
+        if self.backbone_bn_statistics == "training_views_stage2_top" and (
+                numbers != [1, 2] or self.stages[1].backbone_bn_frozen
+                or not self.stages[1].train_backbone):
+            raise ValueError("backbone_bn_statistics training_views_stage2_top sets the statistics "
+                             "of the top stage II trains with batch statistics: run both stages, "
+                             "stage II training the backbone with its BatchNorm not frozen")
         if self.stage1_from and numbers != [2]:
             raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
                              f"stage I: train stage 2 only, not stages {numbers}")

@@ -217,20 +217,23 @@ def train_top_of_backbone(backbone: keras.Model, *, from_layer: str | None = Non
     return [layer.name for layer in layers[first:] if layer.trainable]
 
 
-def reestimate_batch_norm_statistics(backbone: keras.Model, image_batches: Iterable) -> int:
-    """Sets the moving mean and variance of every BatchNormalization layer of backbone to the
-    mean, over image_batches, of the batch statistics that layer normalises with in training
-    mode (each layer's inputs coming from the layers below it, normalised by batch statistics
-    too): the statistics stage II's batch-statistics BN would settle at on these images.
+def reestimate_batch_norm_statistics(backbone: keras.Model, image_batches: Iterable,
+                                     from_layer: int = 0) -> int:
+    """Sets the moving mean and variance of the BatchNormalization layers of backbone from
+    `leaf_layers(backbone)[from_layer]` on to the mean, over image_batches, of the batch
+    statistics each normalises with in training mode (its inputs coming from the layers below,
+    normalised with batch statistics from `from_layer` on and with their moving statistics
+    below it): the statistics stage II's batch-statistics BN on that top would settle at.
 
     Keras' own update is an exponential moving average, weighted towards the last batches, so
     each batch runs with momentum 0 (moving statistics := the batch's) and the values are averaged
-    here. The layers' trainable flags and momentum are put back; no weight other than the moving
-    statistics changes.
+    here. The layers' trainable flags and momentum are put back; no weight other than those
+    moving statistics changes.
 
     Args:
       backbone: float32 [B, S, S, 3] RGB in 0..255 -> [B, F], as `build_image_backbone`.
       image_batches: float32 [B, S, S, 3] batches of images in 0..255, B >= 2.
+      from_layer: an index into `leaf_layers(backbone)` (`first_trainable_layer`); 0: all.
 
     Returns:
       the number of batches averaged.
@@ -238,15 +241,18 @@ def reestimate_batch_norm_statistics(backbone: keras.Model, image_batches: Itera
     Raises:
       ValueError: image_batches is empty.
     """
-    layers = [layer for layer in leaf_layers(backbone)
-              if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [(layer.trainable, layer.momentum) for layer in layers]
+    all_layers = [(index, layer) for index, layer in enumerate(leaf_layers(backbone))
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.trainable, layer.momentum) for _, layer in all_layers]
+    layers = [layer for index, layer in all_layers if index >= from_layer]
     statistics = [(layer.moving_mean, layer.moving_variance) for layer in layers]
     pretrained = [[keras.ops.convert_to_numpy(variable) for variable in pair] for pair in statistics]
     sums = [[np.zeros(value.shape, np.float64) for value in pair] for pair in pretrained]
     batches = 0
-    for layer in layers:
-        layer.trainable, layer.momentum = True, 0.0
+    for index, layer in all_layers:
+        layer.trainable = index >= from_layer
+        if layer.trainable:
+            layer.momentum = 0.0
     try:
         forward = tf.function(lambda images: backbone(images, training=True))
         for images in image_batches:
@@ -262,7 +268,7 @@ def reestimate_batch_norm_statistics(backbone: keras.Model, image_batches: Itera
         averages = pretrained  # an interrupted pass leaves the statistics as they were
         raise
     finally:
-        for (trainable, momentum), layer in zip(saved, layers):
+        for (trainable, momentum), (_, layer) in zip(saved, all_layers):
             layer.trainable, layer.momentum = trainable, momentum
         for pair, values in zip(statistics, averages):
             for variable, value in zip(pair, values):

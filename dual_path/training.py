@@ -383,20 +383,30 @@ class Trainer:
         return features, labels
 
     def reestimate_backbone_batch_norm(self) -> None:
-        """Sets the backbone's BatchNorm moving statistics from one augmented view of every
-        training image (`image_path.reestimate_batch_norm_statistics`), in full batches of
-        batch_size, the views drawn as the feature cache draws them (a seed of its own)."""
+        """Sets the backbone's BatchNorm moving statistics (all of them, or those of stage II's
+        trained top: `config.backbone_bn_statistics`) from one augmented view of every training
+        image (`image_path.reestimate_batch_norm_statistics`), in full batches of batch_size,
+        the views drawn as the feature cache draws them (a seed of its own)."""
         config = self.config
         start = time.monotonic()
+        from_layer = 0
+        if config.backbone_bn_statistics == "training_views_stage2_top":
+            stage2 = config.stages[1]
+            from_layer = image_path.first_trainable_layer(
+                self.model.backbone, from_layer=stage2.backbone_trainable_from,
+                blocks=stage2.backbone_trainable_blocks)
         views = input_pipeline.augmented_view_dataset(
             config.shard_dir, views=1, batch_size=config.batch_size,
             image_size=config.model.image_size, seed=config.seed + _BN_STATISTICS_SEED_OFFSET,
             flip=config.flip)
         batches = image_path.reestimate_batch_norm_statistics(
             self.model.backbone,
-            (batch["image"] for batch in views if batch["image"].shape[0] == config.batch_size))
-        logging.info("re-estimated the backbone's BatchNorm statistics on %d batches of %d training "
-                     "views in %.1f s", batches, config.batch_size, time.monotonic() - start)
+            (batch["image"] for batch in views if batch["image"].shape[0] == config.batch_size),
+            from_layer=from_layer)
+        logging.info("re-estimated the BatchNorm statistics of the backbone from its layer %d (%s) "
+                     "on %d batches of %d training views in %.1f s", from_layer,
+                     image_path.leaf_layers(self.model.backbone)[from_layer].name, batches,
+                     config.batch_size, time.monotonic() - start)
 
     def imprint_classifier(self, stage: StageConfig) -> None:
         """Sets the instance classifier(s) from the image head's features of every training
@@ -450,7 +460,7 @@ class Trainer:
         elif stage.stage == 2:
             checkpointing.load_stage1_final(self.model, self._stage1_dir)
         else:
-            if self.config.backbone_bn_statistics == "training_views":
+            if self.config.backbone_bn_statistics != "pretrained":
                 self.reestimate_backbone_batch_norm()
             if self.config.classifier_init == "imprint":
                 self.imprint_classifier(stage)

@@ -307,6 +307,15 @@ ROWS: dict[str, dict[str, Row]] = {
             "stage I rerun (223.9) and main_held_out_stage2_lr_0_02_rerun (253.2)",
             (_config("flickr8k"),), ("--backbone_bn_statistics=training_views", *STAGE2_10_EPOCHS),
             True, held_out=True, word_vectors=GLOVE),
+        "main_held_out_bn_stage2_top": Row(
+            "flickr8k", "main_held_out_bn_stage2_top",
+            "The main recipe with the BatchNorm statistics of the backbone's top that stage II "
+            "trains (its last 10 blocks) re-estimated on the training views before stage I, and a "
+            "stage II of 10 epochs, on the train list less its last 500 images, validated on those "
+            "500: both stages, against main_held_out_bn_training_views (all of the backbone's)",
+            (_config("flickr8k"),),
+            ("--backbone_bn_statistics=training_views_stage2_top", *STAGE2_10_EPOCHS),
+            True, held_out=True, word_vectors=GLOVE),
         **_ablation_rows("flickr8k"),
     },
     "synthetic": _ablation_rows("synthetic"),

@@ -191,6 +191,27 @@ def test_reestimated_statistics_are_the_mean_of_each_batchs_statistics():
     assert after < 0.1 * before
 
 
+def test_reestimating_the_top_leaves_the_layers_below_it_as_they_were():
+    """from_layer at small_cnn's block 2: its BN takes the mean of its batch statistics, its
+    input normalised by block 1's moving statistics, which stay as they were."""
+    backbone, batches = _small_cnn_and_batches(3)
+    conv2 = keras.Model(backbone.input, backbone.get_layer("small_cnn_conv2").output)
+    outputs = [np.asarray(conv2(images, training=False), np.float64) for images in batches]
+    first, second = backbone.get_layer("small_cnn_bn1"), backbone.get_layer("small_cnn_bn2")
+    first_before = [weight.numpy().copy() for weight in first.weights]
+    from_layer = first_trainable_layer(backbone, blocks=1)
+    assert leaf_layers(backbone)[from_layer].name == "small_cnn_conv2"
+
+    assert reestimate_batch_norm_statistics(backbone, batches, from_layer=from_layer) == 3
+
+    for before, weight in zip(first_before, first.weights):
+        np.testing.assert_array_equal(before, weight.numpy())
+    np.testing.assert_allclose(second.moving_mean.numpy(),
+                               np.mean([output.mean(axis=(0, 1, 2)) for output in outputs], axis=0),
+                               rtol=1e-4, atol=1e-5)
+    assert (first.trainable, first.momentum, second.trainable) == (False, 0.99, False)
+
+
 def _training_mode(backbone: keras.Model, images: np.ndarray) -> np.ndarray:
     """backbone's training-mode (batch statistics) features of images, its BN layers as they were."""
     batch_norms = [layer for layer in leaf_layers(backbone)

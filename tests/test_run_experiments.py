@@ -108,7 +108,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_13_blocks", "main_held_out_stage2_lr_0_02",
         "main_held_out_stage2_lr_0_04", "main_held_out_stage2_lr_0_02_rerun",
         "main_held_out_stage2_bn_frozen", "main_held_out_stage2_loss_weights_2_1_0_1",
-        "main_held_out_embedding_lr_1", "main_held_out_bn_training_views", "both",
+        "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
+        "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
         "both_paper", "instance_only_dense", "deep_text"]
@@ -188,7 +189,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_bn_frozen",
                                           "main_held_out_stage2_loss_weights_2_1_0_1",
                                           "main_held_out_embedding_lr_1",
-                                          "main_held_out_bn_training_views"))
+                                          "main_held_out_bn_training_views",
+                                          "main_held_out_bn_stage2_top"))
         if ran_at_lr_0_01:
             # The rows that ran before the held-out split chose 0.02 say so.
             assert values["stage2_lr_values"] == ["0.01", "0.001"], name
@@ -224,7 +226,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
-                        "_2_1_0_1", "_embedding_lr_1", "_bn_training_views")
+                        "_2_1_0_1", "_embedding_lr_1", "_bn_training_views",
+                        "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
@@ -272,8 +275,10 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
-        if row == "main_held_out_bn_training_views":
-            assert values["stage"] == "both" and values["backbone_bn_statistics"] == "training_views"
+        if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
+            assert values["stage"] == "both"
+            assert values["backbone_bn_statistics"] == (
+                "training_views" if row.endswith("_training_views") else "training_views_stage2_top")
             assert values["embedding_lr_multiplier"] == 0.001
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_lr_values"] == ["0.02", "0.002"]

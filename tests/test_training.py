@@ -113,8 +113,28 @@ def test_training_view_bn_statistics_are_set_once_before_stage1_and_start_stage2
     assert not calls and state.step == 0
     assert changed(after_stage1, snapshot(resumed.model.backbone.weights)) == set()
     with pytest.raises(ValueError, match="backbone_bn_statistics must be one of "
-                                         r"\('pretrained', 'training_views'\), got 'imagenet'"):
+                                         r"\('pretrained', 'training_views', "
+                                         r"'training_views_stage2_top'\), got 'imagenet'"):
         tiny_config(shard_dir, tmp_path / "other", [stage(1)], backbone_bn_statistics="imagenet")
+
+
+def test_stage2_top_bn_statistics_are_only_those_stage2_trains_with_batch_statistics(shard_dir,
+                                                                                    tmp_path):
+    """training_views_stage2_top with stage II on small_cnn's last block: stage I sets block 2's
+    BN statistics only; a run without such a stage II is refused before training."""
+    top = stage(2, backbone_trainable_blocks=1)
+    config = tiny_config(shard_dir, tmp_path / "run", [stage(1), top],
+                         backbone_bn_statistics="training_views_stage2_top")
+    trainer = training.Trainer(config)
+    before = snapshot(trainer.model.backbone.weights)
+    trainer.run_stage(config.stages[0])
+    assert changed(before, snapshot(trainer.model.backbone.weights)) == {
+        "small_cnn_bn2/moving_mean", "small_cnn_bn2/moving_variance"}
+    for stages in ([stage(1)], [stage(1), stage(2, backbone_bn_frozen=True)]):
+        with pytest.raises(ValueError, match="training_views_stage2_top sets the statistics of the "
+                                             "top stage II trains with batch statistics"):
+            tiny_config(shard_dir, tmp_path / "other", stages,
+                        backbone_bn_statistics="training_views_stage2_top")
 
 
 def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_dir, tmp_path):
