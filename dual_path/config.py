@@ -214,6 +214,13 @@ class StageConfig:
     hardest_negative: bool | None = stage_setting(
         "The ranking loss on the hardest negative (or, --no..., the sum over the batch's); "
         "default: --hardest_negative.", {2: None}, default=None)
+    precise_bn: bool = stage_setting(
+        "At each validation interval's end (and the stage's), before validating and saving, set "
+        "the moving statistics of the trained backbone's BatchNorm layers to their mean batch "
+        "statistics over one augmented view of every training image (precise BN; "
+        "image_path.reestimate_batch_norm_statistics), in place of Keras' moving average, which "
+        "lags the weights and, with MobileNetV2's momentum 0.999, still holds ImageNet's after "
+        "a short stage.", {2: False}, default=False)
     feature_views: int = stage_setting(
         "With a frozen backbone: train on its cached features of this many augmented views per "
         "image, computed once, one drawn per image and epoch (dual_path.feature_cache); 0 runs "
@@ -316,6 +323,13 @@ class TrainConfig:
                 raise ValueError(f"stage {stage.stage}: the top of the backbone to train "
                                  f"(from {partial[0]!r}, last {partial[1]} blocks) is given, but "
                                  f"the stage freezes the backbone")
+            if stage.precise_bn and (not stage.train_backbone or stage.backbone_bn_frozen
+                                     or stage.backbone_trainable_blocks == 0):
+                raise ValueError(f"stage {stage.stage}: precise_bn re-estimates the statistics of "
+                                 f"the BatchNorm layers the stage trains, but it trains none "
+                                 f"(train_backbone {stage.train_backbone}, backbone_bn_frozen "
+                                 f"{stage.backbone_bn_frozen}, backbone_trainable_blocks "
+                                 f"{stage.backbone_trainable_blocks})")
             if stage.backbone_bn_frozen and stage.backbone_bn_lr_multiplier is not None:
                 raise ValueError(f"stage {stage.stage}: the backbone's BatchNorm layers are frozen "
                                  f"(backbone_bn_frozen), so they take no lr multiplier (got "

@@ -49,6 +49,9 @@ MANIFEST_SPLITS = "splits"
 MANIFEST_NUM_IMAGES = "images"
 MANIFEST_NUM_CAPTIONS = "captions"
 
+# Added to a run's seed for the views BatchNorm statistics are re-estimated on.
+BATCH_NORM_SEED_OFFSET = 7_919
+
 
 def load_manifest(shard_dir: str) -> dict:
     """The manifest JSON written next to the shards by `data_prep.build_shards`."""
@@ -506,6 +509,23 @@ def augmented_view_dataset(
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def batch_norm_view_batches(shard_dir: str, *, batch_size: int, image_size: int, seed: int,
+                            flip: str = "swap_left_right", split: str = "train"):
+    """Full batches of one augmented view of every image of a split, in shard order (the last,
+    smaller batch left out): what BatchNorm statistics are re-estimated on
+    (`image_path.reestimate_batch_norm_statistics`). The views are `augmented_view_dataset`'s
+    with a seed of their own (seed + BATCH_NORM_SEED_OFFSET), not the feature cache's.
+
+    Yields:
+      float32 [batch_size, image_size, image_size, 3], RGB in 0..255.
+    """
+    views = augmented_view_dataset(shard_dir, views=1, batch_size=batch_size, image_size=image_size,
+                                   seed=seed + BATCH_NORM_SEED_OFFSET, flip=flip, split=split)
+    for batch in views:
+        if batch["image"].shape[0] == batch_size:
+            yield batch["image"]
 
 
 def cached_feature_dataset(

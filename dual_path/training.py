@@ -74,9 +74,6 @@ from dual_path.model import DualPath, build_dual_path
 from dual_path.validation import Validator
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-# Added to the run's seed for the views the BatchNorm statistics are re-estimated on, so that
-# they are not the feature cache's first views.
-_BN_STATISTICS_SEED_OFFSET = 7_919
 
 
 def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
@@ -157,9 +154,7 @@ class Trainer:
         with self.strategy.scope():
             self.model: DualPath = build_dual_path(config.model, embedding_init)
         for stage in config.stages:  # a wrong layer name fails now, not after stage I
-            image_path.first_trainable_layer(self.model.backbone,
-                                             from_layer=stage.backbone_trainable_from,
-                                             blocks=stage.backbone_trainable_blocks)
+            self._trained_top(stage)
         if self.chief:
             run_layout.save_run_config(config)
         self.embedder = embeddings.SplitEmbedder(
@@ -382,31 +377,29 @@ class Trainer:
             variable.assign(value)
         return features, labels
 
-    def reestimate_backbone_batch_norm(self) -> None:
-        """Sets the backbone's BatchNorm moving statistics (all of them, or those of stage II's
-        trained top: `config.backbone_bn_statistics`) from one augmented view of every training
-        image (`image_path.reestimate_batch_norm_statistics`), in full batches of batch_size,
-        the views drawn as the feature cache draws them (a seed of its own)."""
+    def reestimate_backbone_batch_norm(self, from_layer: int) -> None:
+        """Sets the moving statistics of the backbone's BatchNorm layers from its leaf layer
+        `from_layer` on (`image_path.first_trainable_layer`) from one augmented view of every
+        training image, in full batches of batch_size (`input_pipeline.batch_norm_view_batches`,
+        `image_path.reestimate_batch_norm_statistics`)."""
         config = self.config
         start = time.monotonic()
-        from_layer = 0
-        if config.backbone_bn_statistics == "training_views_stage2_top":
-            stage2 = config.stages[1]
-            from_layer = image_path.first_trainable_layer(
-                self.model.backbone, from_layer=stage2.backbone_trainable_from,
-                blocks=stage2.backbone_trainable_blocks)
-        views = input_pipeline.augmented_view_dataset(
-            config.shard_dir, views=1, batch_size=config.batch_size,
-            image_size=config.model.image_size, seed=config.seed + _BN_STATISTICS_SEED_OFFSET,
-            flip=config.flip)
         batches = image_path.reestimate_batch_norm_statistics(
             self.model.backbone,
-            (batch["image"] for batch in views if batch["image"].shape[0] == config.batch_size),
+            input_pipeline.batch_norm_view_batches(
+                config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
+                seed=config.seed, flip=config.flip),
             from_layer=from_layer)
         logging.info("re-estimated the BatchNorm statistics of the backbone from its layer %d (%s) "
                      "on %d batches of %d training views in %.1f s", from_layer,
                      image_path.leaf_layers(self.model.backbone)[from_layer].name, batches,
                      config.batch_size, time.monotonic() - start)
+
+    def _trained_top(self, stage: StageConfig) -> int:
+        """Where the backbone's part that `stage` trains starts (`image_path.first_trainable_layer`)."""
+        return image_path.first_trainable_layer(self.model.backbone,
+                                                from_layer=stage.backbone_trainable_from,
+                                                blocks=stage.backbone_trainable_blocks)
 
     def imprint_classifier(self, stage: StageConfig) -> None:
         """Sets the instance classifier(s) from the image head's features of every training
@@ -460,8 +453,10 @@ class Trainer:
         elif stage.stage == 2:
             checkpointing.load_stage1_final(self.model, self._stage1_dir)
         else:
-            if self.config.backbone_bn_statistics != "pretrained":
-                self.reestimate_backbone_batch_norm()
+            if self.config.backbone_bn_statistics == "training_views":
+                self.reestimate_backbone_batch_norm(0)
+            elif self.config.backbone_bn_statistics == "training_views_stage2_top":
+                self.reestimate_backbone_batch_norm(self._trained_top(self.config.stages[1]))
             if self.config.classifier_init == "imprint":
                 self.imprint_classifier(stage)
         return StageState(stage, schedule, optimizer, variables, checkpoints,
@@ -542,6 +537,8 @@ class Trainer:
                 if interval_end:
                     self._check_instance_health(stage, finished, _read_and_reset(interval_means),
                                                 state.writers["train"], current)
+                if stage.precise_bn and interval_end:
+                    self.reestimate_backbone_batch_norm(self._trained_top(stage))
                 if self.has_validation and interval_end:
                     rsum = self._validate(stage.stage, current, state.writers["validation"])
                     if rsum > float(state.variables.best_rsum.numpy()):

@@ -36,7 +36,7 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_backbone_lr_multiplier", "stage2_backbone_bn_lr_multiplier",
                  "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
-                 "embedding_lr_multiplier", "backbone_bn_statistics"]
+                 "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -181,7 +181,12 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
             assert values["embedding_lr_multiplier"] == 0.001
             assert values["backbone_bn_statistics"] == "pretrained"
+            assert values["stage2_precise_bn"] is True
             continue
+        # Every row that trains stage II ran before the held-out split chose precise BN and says
+        # so, except main_stage2_hardest, stage II of the main run again.
+        if values["stage"] in ("both", "2"):
+            assert values["stage2_precise_bn"] is (row == "main_stage2_hardest"), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",

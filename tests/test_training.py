@@ -137,6 +137,32 @@ def test_stage2_top_bn_statistics_are_only_those_stage2_trains_with_batch_statis
                         backbone_bn_statistics="training_views_stage2_top")
 
 
+def test_precise_bn_leaves_stage2s_checkpoint_with_the_mean_batch_statistics_of_its_weights(
+        shard_dir, tmp_path):
+    """--stage2_precise_bn: the final checkpoint's trained BN holds the mean batch statistics of
+    the final weights (re-estimating again changes nothing); Keras' moving average, without it,
+    does not. The layers below the trained top keep theirs."""
+    def run(name, precise_bn):
+        top = stage(2, backbone_trainable_blocks=1, precise_bn=precise_bn)
+        trainer = training.Trainer(tiny_config(shard_dir, tmp_path / name, [stage(1), top]))
+        trainer.train()
+        restored, _ = run_layout.restore(str(tmp_path / name), which="last")
+        final = snapshot(restored.backbone.weights)
+        assert changed(final, snapshot(trainer.model.backbone.weights)) == set()
+        trainer.reestimate_backbone_batch_norm(trainer._trained_top(top))
+        again = snapshot(trainer.model.backbone.weights)
+        return {path: np.abs(final[path] - again[path]).max() for path in final}
+
+    precise, moving_average = run("precise", True), run("moving_average", False)
+    for name in ("small_cnn_bn2/moving_mean", "small_cnn_bn2/moving_variance"):
+        assert precise[name] < 1e-4 < moving_average[name]
+    assert {path for path, difference in precise.items() if difference} <= {
+        "small_cnn_bn2/moving_mean", "small_cnn_bn2/moving_variance"}
+    with pytest.raises(ValueError, match="stage 2: precise_bn re-estimates the statistics of the "
+                                         "BatchNorm layers the stage trains, but it trains none"):
+        tiny_config(shard_dir, tmp_path / "other", [stage(2, precise_bn=True, backbone_bn_frozen=True)])
+
+
 def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_dir, tmp_path):
     """Only small_cnn's block 2 trains in stage II: block 1 keeps its weights and its BN moving
     statistics; the BN scales and the first conv's kernel get their own lr multipliers."""
