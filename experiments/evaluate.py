@@ -20,7 +20,8 @@ Computes the protocol's metrics (`dual_path.protocols`; --protocol=auto picks it
 manifest's dataset name and the split's size), prints them as the protocol's table
 (`experiments.tables`) and writes them as JSON (--output; default
 <model_dir>/eval_<split>_<protocol>.json, or <saved_model>_eval_<split>_<protocol>.json
-beside the SavedModel folder) with the checkpoint, the flags and timing in seconds.
+beside the SavedModel folder; _precise_bn_<N> before .json with --precise_bn_blocks) with the
+checkpoint, the flags and timing in seconds.
 """
 import json
 import os
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dual_path import embeddings, export, input_pipeline, protocols, run_layout
+from dual_path import embeddings, export, image_path, input_pipeline, protocols, run_layout
 from experiments import commands, tables
 
 FLAGS = flags.FLAGS
@@ -54,6 +55,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("shift_texts", None,
                       "Sum each caption over its positions; default: the run's eval_shift_texts "
                       "(the export's shift_texts).")
+    flags.DEFINE_integer(
+        "precise_bn_blocks", None,
+        "With --model_dir: first re-estimate the BatchNorm statistics of the backbone's last N "
+        "blocks (and the layers after them) on one augmented view of every training image, as "
+        "--stage2_precise_bn does at the end of stage II (the run's batch size, seed and flip).",
+        lower_bound=1)
     flags.DEFINE_integer("image_batch_size", embeddings.DEFAULT_IMAGE_BATCH,
                          "Images per encoder call.", lower_bound=1)
     flags.DEFINE_integer("text_batch_size", embeddings.DEFAULT_TEXT_BATCH,
@@ -84,14 +91,26 @@ class Encoders(NamedTuple):
     defaults_file: str
 
 
-def restore_encoders(model_dir: str, which: str) -> Encoders:
-    """The run's model (`run_layout.restore`), defaults from its config.json."""
+def restore_encoders(model_dir: str, which: str, precise_bn_blocks: int | None = None) -> Encoders:
+    """The run's model (`run_layout.restore`), defaults from its config.json; with
+    precise_bn_blocks, the BN statistics of the backbone's last N blocks re-estimated on the
+    run's training views first (`image_path.reestimate_batch_norm_statistics`)."""
     model, checkpoint = run_layout.restore(model_dir, which)
     run_config = run_layout.load_run_config(model_dir)
+    source = {"model_dir": model_dir, "checkpoint": checkpoint}
+    if precise_bn_blocks:
+        model.backbone.trainable = False
+        image_path.reestimate_batch_norm_statistics(
+            model.backbone,
+            input_pipeline.batch_norm_view_batches(
+                run_config.shard_dir, batch_size=run_config.batch_size,
+                image_size=model.config.image_size, seed=run_config.seed, flip=run_config.flip),
+            from_layer=image_path.first_trainable_layer(model.backbone, blocks=precise_bn_blocks))
+        source["precise_bn_blocks"] = precise_bn_blocks
     defaults = {"shard_dir": run_config.shard_dir, "flip_images": run_config.eval_flip_images,
                 "shift_texts": run_config.eval_shift_texts}
     return Encoders(model.image_encoder, model.text_encoder, False, model.config.image_size,
-                    model.config.max_length, {"model_dir": model_dir, "checkpoint": checkpoint},
+                    model.config.max_length, source,
                     defaults, os.path.join(model_dir, run_layout.RUN_CONFIG_NAME))
 
 
@@ -208,7 +227,8 @@ def evaluate(encoders: Encoders, shard_dir: str, split: str, protocol_name: str,
 
 
 def default_output(split: str, protocol: str) -> str:
-    name = f"eval_{split}_{protocol}.json"
+    precise_bn = f"_precise_bn_{FLAGS.precise_bn_blocks}" if FLAGS.precise_bn_blocks else ""
+    name = f"eval_{split}_{protocol}{precise_bn}.json"
     if FLAGS.model_dir:
         return os.path.join(FLAGS.model_dir, name)
     return f"{FLAGS.saved_model.rstrip('/')}_{name}"
@@ -219,7 +239,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
     try:
-        encoders = (restore_encoders(FLAGS.model_dir, FLAGS.checkpoint) if FLAGS.model_dir
+        if FLAGS.precise_bn_blocks and not FLAGS.model_dir:
+            raise ValueError("--precise_bn_blocks re-estimates a training run's statistics: give "
+                             "--model_dir, not --saved_model")
+        encoders = (restore_encoders(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.precise_bn_blocks)
+                    if FLAGS.model_dir
                     else load_saved_model(FLAGS.saved_model))
         load_seconds = time.perf_counter() - start
         flip_images = resolve("flip_images", FLAGS.flip_images, encoders)

@@ -200,6 +200,20 @@ def test_person_search_on_cuhk_style_shards_with_defaults_from_the_run_config(tr
 
 # ---- flag defaults -------------------------------------------------------------------------
 
+def test_precise_bn_blocks_reestimate_only_the_tops_statistics_before_evaluating(trained_run):
+    """--precise_bn_blocks=1 on the small_cnn run: its last block's BN statistics are set from
+    the run's training views (what --stage2_precise_bn does), every other weight as restored."""
+    def weights(encoders) -> dict:
+        return {weight.path: weight.numpy() for weight in encoders.image_encoder.weights}
+
+    plain = weights(evaluate.restore_encoders(trained_run.model_dir, "last"))
+    encoders = evaluate.restore_encoders(trained_run.model_dir, "last", precise_bn_blocks=1)
+    precise = weights(encoders)
+    assert {path for path in plain if not np.array_equal(plain[path], precise[path])} == {
+        "small_cnn_bn2/moving_mean", "small_cnn_bn2/moving_variance"}
+    assert encoders.source["precise_bn_blocks"] == 1
+
+
 def test_flags_win_over_the_runs_defaults(trained_run, tmp_path):
     encoders = evaluate.restore_encoders(trained_run.model_dir, "last")
     assert encoders.defaults == {"shard_dir": trained_run.shard_dir,
