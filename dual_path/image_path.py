@@ -12,7 +12,9 @@ same for both paths and is built in `dual_path.model`.
 
 `train_top_of_backbone` makes only the top of a backbone trainable (the last N blocks, or from a
 named layer on), as big_vision's freeze patterns do with parameter names: the layers below stay
-frozen, BatchNormalization statistics included.
+frozen, BatchNormalization statistics included. `reestimate_batch_norm_statistics` sets a
+backbone's BN moving statistics, or its top's, to their mean batch statistics over given images
+(precise BN at stage II's end; the training views' statistics before stage I).
 """
 import os
 import re
