@@ -378,22 +378,13 @@ class Trainer:
         return features, labels
 
     def reestimate_backbone_batch_norm(self, from_layer: int) -> None:
-        """Sets the moving statistics of the backbone's BatchNorm layers from its leaf layer
-        `from_layer` on (`image_path.first_trainable_layer`) from one augmented view of every
-        training image, in full batches of batch_size (`input_pipeline.batch_norm_view_batches`,
-        `image_path.reestimate_batch_norm_statistics`)."""
-        config = self.config
+        """`reestimate_batch_norm_on_training_views` on this run's backbone, logged."""
         start = time.monotonic()
-        batches = image_path.reestimate_batch_norm_statistics(
-            self.model.backbone,
-            input_pipeline.batch_norm_view_batches(
-                config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
-                seed=config.seed, flip=config.flip),
-            from_layer=from_layer)
+        batches = reestimate_batch_norm_on_training_views(self.model.backbone, self.config, from_layer)
         logging.info("re-estimated the BatchNorm statistics of the backbone from its layer %d (%s) "
                      "on %d batches of %d training views in %.1f s", from_layer,
                      image_path.leaf_layers(self.model.backbone)[from_layer].name, batches,
-                     config.batch_size, time.monotonic() - start)
+                     self.config.batch_size, time.monotonic() - start)
 
     def _trained_top(self, stage: StageConfig) -> int:
         """Where the backbone's part that `stage` trains starts (`image_path.first_trainable_layer`)."""
@@ -677,6 +668,22 @@ class Trainer:
             run_layout.write_json_atomically(
                 os.path.join(self.config.model_dir, run_layout.RESULTS_NAME), results)
         return results
+
+
+def reestimate_batch_norm_on_training_views(backbone: keras.Model, config: TrainConfig,
+                                           from_layer: int) -> int:
+    """Sets the moving statistics of backbone's BatchNorm layers from its leaf layer
+    `from_layer` on (`image_path.first_trainable_layer`) from one augmented view of every
+    training image of the run's shards, in full batches of its batch_size, with its seed and flip
+    (`input_pipeline.batch_norm_view_batches`, `image_path.reestimate_batch_norm_statistics`):
+    what the trainer does for precise BN and before stage I, and dual-path-evaluate
+    --precise_bn_blocks on a finished run. Returns the number of batches averaged."""
+    return image_path.reestimate_batch_norm_statistics(
+        backbone,
+        input_pipeline.batch_norm_view_batches(
+            config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
+            seed=config.seed, flip=config.flip),
+        from_layer=from_layer)
 
 
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,

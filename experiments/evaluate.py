@@ -32,7 +32,8 @@ from typing import NamedTuple
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dual_path import embeddings, export, image_path, input_pipeline, protocols, run_layout
+from dual_path import (embeddings, export, image_path, input_pipeline, protocols, run_layout,
+                       training)
 from experiments import commands, tables
 
 FLAGS = flags.FLAGS
@@ -94,18 +95,15 @@ class Encoders(NamedTuple):
 def restore_encoders(model_dir: str, which: str, precise_bn_blocks: int | None = None) -> Encoders:
     """The run's model (`run_layout.restore`), defaults from its config.json; with
     precise_bn_blocks, the BN statistics of the backbone's last N blocks re-estimated on the
-    run's training views first (`image_path.reestimate_batch_norm_statistics`)."""
+    run's training views first (`training.reestimate_batch_norm_on_training_views`)."""
     model, checkpoint = run_layout.restore(model_dir, which)
     run_config = run_layout.load_run_config(model_dir)
     source = {"model_dir": model_dir, "checkpoint": checkpoint}
     if precise_bn_blocks:
         model.backbone.trainable = False
-        image_path.reestimate_batch_norm_statistics(
-            model.backbone,
-            input_pipeline.batch_norm_view_batches(
-                run_config.shard_dir, batch_size=run_config.batch_size,
-                image_size=model.config.image_size, seed=run_config.seed, flip=run_config.flip),
-            from_layer=image_path.first_trainable_layer(model.backbone, blocks=precise_bn_blocks))
+        training.reestimate_batch_norm_on_training_views(
+            model.backbone, run_config,
+            image_path.first_trainable_layer(model.backbone, blocks=precise_bn_blocks))
         source["precise_bn_blocks"] = precise_bn_blocks
     defaults = {"shard_dir": run_config.shard_dir, "flip_images": run_config.eval_flip_images,
                 "shift_texts": run_config.eval_shift_texts}

@@ -178,8 +178,7 @@ def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...]) -
     return Row("flickr8k", f"main_held_out_stage2_{suffix}",
                f"Stage II of main_held_out again from its stage I (10 epochs), {change}",
                (_config("flickr8k"),), ("--stage=2", *row_flags, *STAGE2_10_EPOCHS, NO_PRECISE_BN),
-               True,
-               stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
+               True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
 
 
 def _held_out_blocks_row(blocks: int, instead_of: int) -> Row:
@@ -219,8 +218,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "flickr8k", "main_stage2_7_blocks",
             "The main recipe fine-tuning the backbone's last 7 blocks in stage II, the count before "
             "the held-out split chose 10", (_config("flickr8k"),),
-            (STAGE2_7_BLOCKS, STAGE2_LR_0_01, NO_PRECISE_BN),
-            True, word_vectors=GLOVE),
+            (STAGE2_7_BLOCKS, STAGE2_LR_0_01, NO_PRECISE_BN), True, word_vectors=GLOVE),
         "main_stage2_10_epochs": Row(
             "flickr8k", "main_stage2_10_epochs",
             "Stage II of main_stage2_7_blocks again from its stage I for 10 epochs (lr down 10x "
@@ -238,8 +236,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "Stage II of main_stage2_7_blocks again from its stage I with the backbone frozen, for "
             "the main recipe's 20 epochs", (_config("flickr8k"),),
             ("--stage=2", "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01, NO_PRECISE_BN),
-            True,
-            stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
+            True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
         "main_stage1_only": Row(
             "flickr8k", "main_stage1_only", "Stage I of the main recipe alone (GloVe)",
             (_config("flickr8k"),), ("--stage=1",), True, word_vectors=GLOVE),
@@ -305,8 +302,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "validated on those 500: both stages, against main_held_out's stage I rerun (223.9) "
             "and main_held_out_stage2_lr_0_02_rerun (253.2)",
             (_config("flickr8k"),), ("--embedding_lr_multiplier=1", *STAGE2_10_EPOCHS, NO_PRECISE_BN),
-            True,
-            held_out=True, word_vectors=GLOVE),
+            True, held_out=True, word_vectors=GLOVE),
         "main_held_out_bn_training_views": Row(
             "flickr8k", "main_held_out_bn_training_views",
             "The main recipe with the backbone's BatchNorm statistics re-estimated on the training "
