@@ -295,6 +295,16 @@ ROWS: dict[str, dict[str, Row]] = {
             "loss_weights_2_1_0_1", "as main_held_out_stage2_lr_0_02_rerun with the paper's "
             "stage II loss weights rank:image:text 2:1:0.1, not 1:1:1",
             ("--stage2_loss_weights=2:1:0.1",)),
+        "main_held_out_stage2_warmup": Row(
+            "flickr8k", "main_held_out_stage2_warmup",
+            "Stage II of main_held_out again from its stage I (10 epochs) as the recipe runs it "
+            "(precise BN), with its first epoch at a tenth of the base rate (0.002, then 0.02 "
+            "from epoch 1 and 0.002 from epoch 8): against main_held_out_stage2_lr_0_02_rerun and "
+            "main_held_out_stage2_loss_weights_2_1_0_1 with precise BN (262.0, 262.8)",
+            (_config("flickr8k"),),
+            ("--stage=2", "--stage2_epochs=10", "--stage2_lr_boundaries=1,8",
+             "--stage2_lr_values=0.002,0.02,0.002"),
+            True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_embedding_lr_1": Row(
             "flickr8k", "main_held_out_embedding_lr_1",
             "The main recipe with the word embedding (GloVe) at the base rate, not a thousandth of "
