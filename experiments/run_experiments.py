@@ -305,6 +305,15 @@ ROWS: dict[str, dict[str, Row]] = {
             ("--stage=2", "--stage2_epochs=10", "--stage2_lr_boundaries=1,8",
              "--stage2_lr_values=0.002,0.02,0.002"),
             True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_head_lr_0_01": Row(
+            "flickr8k", "main_held_out_stage2_head_lr_0_01",
+            "Stage II of main_held_out again from its stage I (10 epochs) as the recipe runs it "
+            "(precise BN), at half the base rate (0.01, then 0.001) with the trained blocks at a "
+            "fifth of it, so that they keep the recipe's 0.002: whether the head's drop at 0.02 "
+            "costs the final figure, against main_held_out_stage2_lr_0_02_rerun with precise BN "
+            "(262.0)", (_config("flickr8k"),),
+            ("--stage=2", *STAGE2_10_EPOCHS, STAGE2_LR_0_01, "--stage2_backbone_lr_multiplier=0.2"),
+            True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_embedding_lr_1": Row(
             "flickr8k", "main_held_out_embedding_lr_1",
             "The main recipe with the word embedding (GloVe) at the base rate, not a thousandth of "
