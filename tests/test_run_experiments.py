@@ -185,7 +185,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_precise_bn"] is True
             continue
         # Every row that trains stage II ran before the held-out split chose precise BN and says
-        # so, except main_stage2_hardest, stage II of the main run again.
+        # so, except main_stage2_hardest, stage II of the main run again, and the two held-out
+        # probes of stage II's rates that ran after it.
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
                 row in ("main_stage2_hardest", "main_held_out_stage2_warmup",
