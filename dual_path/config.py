@@ -221,6 +221,12 @@ class StageConfig:
         "image_path.reestimate_batch_norm_statistics), in place of Keras' moving average, which "
         "lags the weights and, with MobileNetV2's momentum 0.999, still holds ImageNet's after "
         "a short stage.", {2: False}, default=False)
+    weight_average_momentum: float | None = stage_setting(
+        "Keep an exponential moving average of the trained weights with this momentum (Keras' "
+        "optimizer use_ema: average <- m * average + (1 - m) * weight after each step); "
+        "validation uses the averages, and at the stage's end, before precise BN and the final "
+        "checkpoint, they replace the weights (optimization.averaged_weights); default: none.",
+        {2: None}, default=None)
     feature_views: int = stage_setting(
         "With a frozen backbone: train on its cached features of this many augmented views per "
         "image, computed once, one drawn per image and epoch (dual_path.feature_cache); 0 runs "
@@ -330,6 +336,9 @@ class TrainConfig:
                                  f"(train_backbone {stage.train_backbone}, backbone_bn_frozen "
                                  f"{stage.backbone_bn_frozen}, backbone_trainable_blocks "
                                  f"{stage.backbone_trainable_blocks})")
+            if stage.weight_average_momentum is not None and not 0.0 < stage.weight_average_momentum < 1.0:
+                raise ValueError(f"stage {stage.stage}: weight_average_momentum must be in (0, 1), "
+                                 f"got {stage.weight_average_momentum}")
             if stage.backbone_bn_frozen and stage.backbone_bn_lr_multiplier is not None:
                 raise ValueError(f"stage {stage.stage}: the backbone's BatchNorm layers are frozen "
                                  f"(backbone_bn_frozen), so they take no lr multiplier (got "

@@ -20,9 +20,15 @@ each variable's update is computed at lr * lr_mult (Adam's step is invariant to 
 gradient's scale, so scaling gradients would not do). Weight decay under "adam" is the L2
 term in the gradient, as MatConvNet's, scaled by lr_mult with it; under "adamw" it is
 Keras' decoupled decay, w <- w - lr * weight_decay * w at the base lr for every variable.
+
+With `weight_average_momentum` m, any of them keeps Keras' exponential moving average of the
+trained weights (use_ema: a <- m * a + (1 - m) * w after each step, a = w after the first);
+`averaged_weights` swaps the averages in for a validation, and the optimizer's
+`finalize_variable_values` makes them the weights at a stage's end.
 """
 import bisect
-from typing import Mapping, Sequence
+import contextlib
+from typing import Iterator, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -184,7 +190,8 @@ class MultipliedAdamW(_PerVariableLearningRate, keras.optimizers.AdamW):
 
 def build_optimizer(learning_rate: float, *, momentum: float, weight_decay: float,
                     lr_multipliers: Mapping[str, float], loss_scaling: bool,
-                    name: str = "matconvnet_sgd") -> keras.optimizers.Optimizer:
+                    name: str = "matconvnet_sgd",
+                    weight_average_momentum: float | None = None) -> keras.optimizers.Optimizer:
     """The named optimizer (OPTIMIZERS), wrapped in a dynamic LossScaleOptimizer for float16.
 
     "matconvnet_sgd": MatConvNetSGD (momentum, L2 weight_decay). "adam": Keras Adam (its
@@ -194,19 +201,56 @@ def build_optimizer(learning_rate: float, *, momentum: float, weight_decay: floa
     Build it under the strategy's scope. `optimizer.learning_rate` is a variable: assign
     the schedule's value to it before each step (outside `strategy.run`). With
     loss_scaling, scale the loss with `optimizer.scale_loss` before taking gradients;
-    `apply` unscales them and skips the steps whose gradients are not finite.
+    `apply` unscales them and skips the steps whose gradients are not finite. With
+    weight_average_momentum, the optimizer also keeps the weights' moving average (Keras'
+    use_ema, never written over the weights during training: ema_overwrite_frequency None).
     """
+    averaging = {"use_ema": weight_average_momentum is not None,
+                 "ema_momentum": 0.99 if weight_average_momentum is None else weight_average_momentum}
     if name == "matconvnet_sgd":
         optimizer = MatConvNetSGD(learning_rate, momentum=momentum, weight_decay=weight_decay,
-                                  lr_multipliers=lr_multipliers)
+                                  lr_multipliers=lr_multipliers, **averaging)
     elif name == "adam":
         optimizer = MultipliedAdam(learning_rate=learning_rate, lr_multipliers=lr_multipliers,
-                                   l2_weight_decay=weight_decay)
+                                   l2_weight_decay=weight_decay, **averaging)
     elif name == "adamw":
         optimizer = MultipliedAdamW(learning_rate=learning_rate, weight_decay=weight_decay,
-                                    lr_multipliers=lr_multipliers)
+                                    lr_multipliers=lr_multipliers, **averaging)
     else:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if loss_scaling:
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: keras.optimizers.Optimizer, variables) -> Iterator[None]:
+    """Within the block, `variables` (those the optimizer was built on, in its order) hold the
+    optimizer's moving averages of themselves; after it, their own values again. Without
+    use_ema, the block leaves them as they are.
+
+    Keras swaps the averages in only for `model.fit` (keras.callbacks.SwapEMAWeights); the
+    trainer's own loop validates mid-stage with this, where finalize_variable_values would
+    end the averaging.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not inner.use_ema:
+        yield
+        return
+    averages = inner._model_variables_moving_average
+    variables = list(variables)
+    if len(averages) != len(variables):
+        raise ValueError(f"the optimizer averages {len(averages)} variables, not the "
+                         f"{len(variables)} given")
+
+    def swap():
+        for variable, average in zip(variables, averages):
+            value = tf.identity(variable.value)
+            variable.assign(average.value)
+            average.assign(value)
+
+    swap()
+    try:
+        yield
+    finally:
+        swap()

@@ -11,6 +11,9 @@ The instance classifier W is the paper's dense layer by default; `--classifier=c
 make its loss learn within CPU budgets (`dual_path.instance_classifier`). At the end of
 every validation interval the trainer checks that each trained instance loss has left chance
 (`dual_path.instance_health`) and warns, in the log and in TensorBoard, when it has not.
+With `--stageN_weight_average_momentum`, the optimizer keeps a moving average of the trained
+weights: every validation scores the averages (`optimization.averaged_weights`), and at the
+stage's end they become the weights, before precise BN and the final checkpoint.
 
 The trainer is made of parts a reader can name:
   dual_path/task.py                the losses of a batch (what a stage optimises)
@@ -55,6 +58,7 @@ batches of an uninterrupted run and ends with its weights. A non-finite loss sto
 (NonFiniteLossError) before anything is saved, so the last checkpoint stays the last good
 state.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -213,7 +217,8 @@ class Trainer:
             optimizer = optimization.build_optimizer(
                 schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
                 lr_multipliers=self._lr_multipliers(stage),
-                loss_scaling=config.mixed_precision and not self._on_tpu, name=config.optimizer)
+                loss_scaling=config.mixed_precision and not self._on_tpu, name=config.optimizer,
+                weight_average_momentum=stage.weight_average_momentum)
             optimizer.build(self.model.training_model.trainable_variables)
         return schedule, step, optimizer
 
@@ -528,15 +533,8 @@ class Trainer:
                 if interval_end:
                     self._check_instance_health(stage, finished, _read_and_reset(interval_means),
                                                 state.writers["train"], current)
-                if stage.precise_bn and interval_end:
-                    self.reestimate_backbone_batch_norm(self._trained_top(stage))
-                if self.has_validation and interval_end:
-                    rsum = self._validate(stage.stage, current, state.writers["validation"])
-                    if rsum > float(state.variables.best_rsum.numpy()):
-                        state.variables.best_rsum.assign(rsum)
-                        checkpoints.save_best(current)
-                        logging.info("stage %d epoch %d: new best validation rsum %.2f",
-                                     stage.stage, finished, rsum)
+                if interval_end:
+                    self._end_interval(state, current, finished, final=current == total_steps)
                 checkpoints.save(current)
             elif config.checkpoint_every_steps and current % config.checkpoint_every_steps == 0:
                 checkpoints.save(current)
@@ -544,6 +542,26 @@ class Trainer:
                 interval_start = time.monotonic()
         for writer in state.writers.values():
             writer.flush()
+
+    def _end_interval(self, state: StageState, current: int, finished: int, final: bool) -> None:
+        """At a validation interval's end: the weights' moving averages in (for good at the
+        stage's end), precise BN, validation and, on a new best rsum, the best checkpoint; the
+        trained weights back after a mid-stage interval (their BN statistics stay those of the
+        averages: training normalises with batch statistics)."""
+        stage, variables = state.stage, self.model.training_model.trainable_variables
+        if final:
+            state.optimizer.finalize_variable_values(variables)
+        with contextlib.nullcontext() if final else optimization.averaged_weights(
+                state.optimizer, variables):
+            if stage.precise_bn:
+                self.reestimate_backbone_batch_norm(self._trained_top(stage))
+            if self.has_validation:
+                rsum = self._validate(stage.stage, current, state.writers["validation"])
+                if rsum > float(state.variables.best_rsum.numpy()):
+                    state.variables.best_rsum.assign(rsum)
+                    state.checkpoints.save_best(current)
+                    logging.info("stage %d epoch %d: new best validation rsum %.2f",
+                                 stage.stage, finished, rsum)
 
     def _steps_to_boundary(self, current: int, total_steps: int) -> int:
         """Steps from `current` to the next log, checkpoint, epoch or stage end."""

@@ -74,6 +74,8 @@ def test_none_unsets_an_optional_number_and_bad_values_name_their_flag():
     with pytest.raises(config_flags.ConfigFlagError, match="--embedding_dim=300, but the shards"):
         config_flags.model_config(parsed("--embedding_dim=300"), MANIFEST)
     assert config_flags.model_config(parsed("--weights=none"), MANIFEST).weights is None
+    assert config_flags.stage_config(parsed("--stage2_weight_average_momentum=0.998"),
+                                     2).weight_average_momentum == 0.998
 
 
 def test_the_tree_round_trips_through_json_and_unknown_keys_are_named():

@@ -63,6 +63,45 @@ def test_multiplier_for_a_variable_not_trained_is_an_error():
         optimizer.build([variable])
 
 
+@pytest.mark.parametrize("name", optimization.OPTIMIZERS)
+def test_weight_average_follows_its_rule_and_swaps_in_and_out_and_finalizes(name):
+    """weight_average_momentum 0.5 over three steps: the average is the first step's weights,
+    then 0.5 * average + 0.5 * weights; averaged_weights holds it only within its block, and
+    finalize_variable_values makes it the weights, for each optimizer."""
+    variable = keras.Variable(np.array([1.0, -2.0], np.float32), name="w")
+    optimizer = optimization.build_optimizer(0.1, momentum=0.9, weight_decay=0.0, lr_multipliers={},
+                                             loss_scaling=False, name=name,
+                                             weight_average_momentum=0.5)
+    optimizer.build([variable])
+    average = None
+    for gradient in ([1.0, 0.5], [-0.2, 2.0], [0.3, -1.0]):
+        optimizer.apply([tf.constant(gradient)], [variable])
+        weights = variable.numpy().copy()
+        average = weights if average is None else 0.5 * average + 0.5 * weights
+    assert not np.allclose(average, weights)
+    with optimization.averaged_weights(optimizer, [variable]):
+        np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
+    np.testing.assert_array_equal(variable.numpy(), weights)
+    optimizer.finalize_variable_values([variable])
+    np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
+
+
+def test_without_a_weight_average_nothing_is_swapped_and_a_wrong_list_is_named():
+    variable = keras.Variable(np.array([1.0, -2.0], np.float32), name="w")
+    plain = optimization.build_optimizer(0.1, momentum=0.9, weight_decay=0.0, lr_multipliers={},
+                                         loss_scaling=False)
+    plain.apply([tf.constant([1.0, 1.0])], [variable])
+    weights = variable.numpy().copy()
+    with optimization.averaged_weights(plain, [variable]):
+        np.testing.assert_array_equal(variable.numpy(), weights)
+    averaging = optimization.build_optimizer(0.1, momentum=0.9, weight_decay=0.0, lr_multipliers={},
+                                             loss_scaling=False, weight_average_momentum=0.9)
+    averaging.build([variable])
+    with pytest.raises(ValueError, match="averages 1 variables, not the 2 given"):
+        with optimization.averaged_weights(averaging, [variable, keras.Variable(0.0)]):
+            pass
+
+
 def test_schedule_values_and_boundaries_in_epochs():
     schedule = optimization.schedule_from_flags([40, 60], [0.1, 0.01, 0.001], "epochs",
                                                 steps_per_epoch=10)

@@ -163,6 +163,53 @@ def test_precise_bn_leaves_stage2s_checkpoint_with_the_mean_batch_statistics_of_
         tiny_config(shard_dir, tmp_path / "other", [stage(2, precise_bn=True, backbone_bn_frozen=True)])
 
 
+def test_weight_average_is_validated_mid_stage_and_becomes_stage2s_final_weights(shard_dir,
+                                                                                tmp_path):
+    """--stage2_weight_average_momentum 0.5 over two epochs validated after each, with precise
+    BN: each validation scores the average of the weights after every step so far, training
+    goes on from the trained weights (its steps are those of a run without the average), and
+    the final checkpoint holds the last average with the BN statistics of those weights."""
+    def run(name, momentum):
+        top = stage(2, epochs=2, backbone_trainable_blocks=1, precise_bn=True,
+                    weight_average_momentum=momentum)
+        keras.utils.set_random_seed(0)  # the two runs start from the same weights
+        trainer = training.Trainer(tiny_config(shard_dir, tmp_path / name, [stage(1), top],
+                                               validate_every_epochs=1, steps_per_loop=1,
+                                               log_every_steps=1))
+        trainer.run_stage(trainer.config.stages[0])
+        trained = trainer.model.training_model.trainable_variables
+        steps, validated = [], []
+        log_progress, validate = trainer._log_progress, trainer._validate
+        trainer._log_progress = lambda *args: (steps.append(snapshot(trained)), log_progress(*args))
+        trainer._validate = lambda *args: (validated.append(snapshot(trained)), validate(*args))[1]
+        trainer.run_stage(top)
+        return trainer, steps, validated
+
+    trainer, steps, validated = run("averaged", 0.5)
+    _, plain_steps, _ = run("plain", None)
+    assert len(steps) == len(plain_steps) == 2 * STEPS_PER_EPOCH and len(validated) == 2
+    for averaged_step, plain_step in zip(steps, plain_steps):
+        assert all(np.allclose(averaged_step[path], plain_step[path], atol=1e-5)
+                   for path in plain_step)
+    averages = []
+    for weights in steps:
+        averages.append(weights if not averages else {
+            path: 0.5 * averages[-1][path] + 0.5 * value for path, value in weights.items()})
+    for scored, average in zip(validated, (averages[STEPS_PER_EPOCH - 1], averages[-1])):
+        assert all(np.allclose(scored[path], average[path], atol=1e-5) for path in average)
+    assert changed(averages[-1], steps[-1])
+
+    restored, _ = run_layout.restore(str(tmp_path / "averaged"), which="last")
+    final = snapshot(restored.backbone.weights)
+    assert all(np.allclose(final[path], averages[-1][path], atol=1e-5)
+               for path in averages[-1] if path in final)
+    trainer.reestimate_backbone_batch_norm(trainer._trained_top(trainer.config.stages[1]))
+    again = snapshot(trainer.model.backbone.weights)
+    assert all(np.abs(final[path] - again[path]).max() < 1e-4 for path in final)
+    with pytest.raises(ValueError, match="stage 2: weight_average_momentum must be in"):
+        tiny_config(shard_dir, tmp_path / "other", [stage(2, weight_average_momentum=1.0)])
+
+
 def test_stage2_trains_only_the_backbones_top_blocks_at_their_multipliers(shard_dir, tmp_path):
     """Only small_cnn's block 2 trains in stage II: block 1 keeps its weights and its BN moving
     statistics; the BN scales and the first conv's kernel get their own lr multipliers."""
