@@ -314,6 +314,12 @@ ROWS: dict[str, dict[str, Row]] = {
             "whether the head's drop at 0.02 costs the final figure, against "
             "main_held_out_stage2_lr_0_02_rerun with precise BN (262.0)",
             (STAGE2_LR_0_01, "--stage2_backbone_lr_multiplier=0.2"), precise_bn=True),
+        "main_held_out_stage2_weight_average": _held_out_stage2_row(
+            "weight_average", "as the recipe runs it (precise BN), ending on the moving average "
+            "of the trained weights (momentum 0.998, about the last 500 steps), set before precise "
+            "BN: against main_held_out_stage2_lr_0_02_rerun and "
+            "main_held_out_stage2_loss_weights_2_1_0_1 with precise BN (262.0, 262.8)",
+            ("--stage2_weight_average_momentum=0.998",), precise_bn=True),
         "main_held_out_embedding_lr_1": Row(
             "flickr8k", "main_held_out_embedding_lr_1",
             "The main recipe with the word embedding (GloVe) at the base rate, not a thousandth of "

@@ -36,7 +36,8 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_backbone_lr_multiplier", "stage2_backbone_bn_lr_multiplier",
                  "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
-                 "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn"]
+                 "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn",
+                 "stage2_weight_average_momentum"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -109,7 +110,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_lr_0_04", "main_held_out_stage2_lr_0_02_rerun",
         "main_held_out_stage2_bn_frozen", "main_held_out_stage2_loss_weights_2_1_0_1",
         "main_held_out_stage2_warmup", "main_held_out_stage2_head_lr_0_01",
-        "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
+        "main_held_out_stage2_weight_average", "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
@@ -183,14 +184,16 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["embedding_lr_multiplier"] == 0.001
             assert values["backbone_bn_statistics"] == "pretrained"
             assert values["stage2_precise_bn"] is True
+            assert values["stage2_weight_average_momentum"] is None
             continue
         # Every row that trains stage II ran before the held-out split chose precise BN and says
-        # so, except main_stage2_hardest, stage II of the main run again, and the two held-out
-        # probes of stage II's rates that ran after it.
+        # so, except main_stage2_hardest, stage II of the main run again, and the three held-out
+        # probes of stage II that ran after it.
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
                 row in ("main_stage2_hardest", "main_held_out_stage2_warmup",
-                        "main_held_out_stage2_head_lr_0_01")), name
+                        "main_held_out_stage2_head_lr_0_01",
+                        "main_held_out_stage2_weight_average")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -198,6 +201,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_bn_frozen",
                                           "main_held_out_stage2_loss_weights_2_1_0_1",
                                           "main_held_out_stage2_warmup",
+                                          "main_held_out_stage2_weight_average",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -236,7 +240,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
-                        "_2_1_0_1", "_warmup", "_head_lr_0_01", "_embedding_lr_1", "_bn_training_views",
+                        "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -297,6 +301,14 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_backbone_lr_multiplier"] == 0.2
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            continue
+        if row == "main_held_out_stage2_weight_average":
+            # The recipe's stage II (precise BN included) at 10 epochs, ending on the average.
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            assert values["stage2_backbone_trainable_blocks"] == 10
+            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert values["stage2_weight_average_momentum"] == 0.998
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
