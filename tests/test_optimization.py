@@ -86,6 +86,30 @@ def test_weight_average_follows_its_rule_and_swaps_in_and_out_and_finalizes(name
     np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
 
 
+def test_weight_average_is_saved_and_restored_with_the_optimizer(tmp_path):
+    """A resumed stage goes on averaging from the saved average, not from its restored weights."""
+    def averaging_optimizer():
+        variable = keras.Variable(np.array([1.0, -2.0], np.float32), name="w")
+        optimizer = optimization.build_optimizer(0.1, momentum=0.9, weight_decay=0.0,
+                                                 lr_multipliers={}, loss_scaling=False,
+                                                 weight_average_momentum=0.5)
+        optimizer.build([variable])
+        return variable, optimizer
+
+    variable, optimizer = averaging_optimizer()
+    for gradient in ([1.0, 0.5], [-0.2, 2.0]):
+        optimizer.apply([tf.constant(gradient)], [variable])
+    path = tf.train.Checkpoint(model_weights=[variable], optimizer=optimizer).save(str(tmp_path / "ckpt"))
+    resumed, resumed_optimizer = averaging_optimizer()
+    tf.train.Checkpoint(model_weights=[resumed], optimizer=resumed_optimizer).restore(
+        path).assert_existing_objects_matched()
+    with optimization.averaged_weights(optimizer, [variable]):
+        average = variable.numpy().copy()
+    assert not np.allclose(average, resumed.numpy())
+    with optimization.averaged_weights(resumed_optimizer, [resumed]):
+        np.testing.assert_array_equal(resumed.numpy(), average)
+
+
 def test_without_a_weight_average_nothing_is_swapped_and_a_wrong_list_is_named():
     variable = keras.Variable(np.array([1.0, -2.0], np.float32), name="w")
     plain = optimization.build_optimizer(0.1, momentum=0.9, weight_decay=0.0, lr_multipliers={},
