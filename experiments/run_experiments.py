@@ -320,6 +320,20 @@ ROWS: dict[str, dict[str, Row]] = {
             "BN: against main_held_out_stage2_lr_0_02_rerun and "
             "main_held_out_stage2_loss_weights_2_1_0_1 with precise BN (262.0, 262.8)",
             ("--stage2_weight_average_momentum=0.998",), precise_bn=True),
+        "main_held_out_stage2_recipe": Row(
+            "flickr8k", "main_held_out_stage2_recipe",
+            "Stage II of main_held_out again from its stage I exactly as the recipe runs it (20 "
+            "epochs, lr down 10x after 16, precise BN), validated every 4 epochs: the held-out "
+            "baseline of the recipe's own stage II and whether it still gains at its end",
+            (_config("flickr8k"),), ("--stage=2", "--validate_every_epochs=4"), True,
+            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage1_curve": Row(
+            "flickr8k", "main_held_out_stage1_curve",
+            "Stage I of the main recipe alone (60 epochs, lr down 10x after 50) on the train list "
+            "less its last 500 images, validated on those 500 every 10 epochs: what its last "
+            "epochs buy, the time stage II could take instead",
+            (_config("flickr8k"),), ("--stage=1", "--validate_every_epochs=10"), True,
+            held_out=True, word_vectors=GLOVE),
         "main_held_out_embedding_lr_1": Row(
             "flickr8k", "main_held_out_embedding_lr_1",
             "The main recipe with the word embedding (GloVe) at the base rate, not a thousandth of "
