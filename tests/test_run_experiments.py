@@ -111,7 +111,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_bn_frozen", "main_held_out_stage2_loss_weights_2_1_0_1",
         "main_held_out_stage2_warmup", "main_held_out_stage2_head_lr_0_01",
         "main_held_out_stage2_weight_average", "main_held_out_stage2_recipe",
-        "main_held_out_stage1_curve", "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
+        "main_held_out_stage2_25_epochs", "main_held_out_stage1_curve", "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
@@ -188,14 +188,15 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_weight_average_momentum"] is None
             continue
         # Every row that trains stage II ran before the held-out split chose precise BN and says
-        # so, except main_stage2_hardest, stage II of the main run again, and the three held-out
+        # so, except main_stage2_hardest, stage II of the main run again, and the held-out
         # probes of stage II that ran after it.
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
                 row in ("main_stage2_hardest", "main_held_out_stage2_warmup",
                         "main_held_out_stage2_head_lr_0_01",
                         "main_held_out_stage2_weight_average",
-                        "main_held_out_stage2_recipe")), name
+                        "main_held_out_stage2_recipe",
+                        "main_held_out_stage2_25_epochs")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -205,6 +206,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_warmup",
                                           "main_held_out_stage2_weight_average",
                                           "main_held_out_stage2_recipe",
+                                          "main_held_out_stage2_25_epochs",
                                           "main_held_out_stage1_curve",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
@@ -244,7 +246,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_first_conv_lr_multiplier"] is None
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
-                        "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe", "_stage1_curve", "_embedding_lr_1", "_bn_training_views",
+                        "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
+                        "_25_epochs", "_stage1_curve", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -322,6 +325,14 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_weight_average_momentum"] is None
+            continue
+        if row == "main_held_out_stage2_25_epochs":
+            # The recipe's stage II five epochs longer, its rate still dropping 4/5 of the way.
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            assert values["stage2_backbone_trainable_blocks"] == 10
+            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (25, ["20"])
+            assert values["stage2_precise_bn"] is True
             continue
         if row == "main_held_out_stage1_curve":
             assert values["stage"] == "1" and values["stage1_epochs"] == 60
