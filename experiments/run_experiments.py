@@ -346,6 +346,14 @@ ROWS: dict[str, dict[str, Row]] = {
             (_config("flickr8k"),),
             ("--stage=2", "--stage2_lr_boundaries=12", "--validate_every_epochs=20"),
             True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_recipe_rerun": Row(
+            "flickr8k", "main_held_out_stage2_recipe_rerun",
+            "Stage II of main_held_out again from its stage I exactly as the recipe runs it (20 "
+            "epochs, lr down 10x after 16, precise BN), validated at its end: the spread of the "
+            "recipe's own held-out figure (269.2 in main_held_out_stage2_recipe), which the "
+            "probes of stage II's length (265.4) and rate drop (259.8) lost to",
+            (_config("flickr8k"),), ("--stage=2", "--validate_every_epochs=20"), True,
+            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_stage1_curve": Row(
             "flickr8k", "main_held_out_stage1_curve",
             "Stage I of the main recipe alone (60 epochs, lr down 10x after 50) on the train list "

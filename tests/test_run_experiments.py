@@ -112,6 +112,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_warmup", "main_held_out_stage2_head_lr_0_01",
         "main_held_out_stage2_weight_average", "main_held_out_stage2_recipe",
         "main_held_out_stage2_25_epochs", "main_held_out_stage2_drop_after_12",
+        "main_held_out_stage2_recipe_rerun",
         "main_held_out_stage1_curve", "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -198,7 +199,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_weight_average",
                         "main_held_out_stage2_recipe",
                         "main_held_out_stage2_25_epochs",
-                        "main_held_out_stage2_drop_after_12")), name
+                        "main_held_out_stage2_drop_after_12",
+                        "main_held_out_stage2_recipe_rerun")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -210,6 +212,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_recipe",
                                           "main_held_out_stage2_25_epochs",
                                           "main_held_out_stage2_drop_after_12",
+                                          "main_held_out_stage2_recipe_rerun",
                                           "main_held_out_stage1_curve",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
@@ -250,7 +253,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
-                        "_25_epochs", "_drop_after_12", "_stage1_curve", "_embedding_lr_1", "_bn_training_views",
+                        "_25_epochs", "_drop_after_12",
+                        "_stage1_curve", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -321,8 +325,9 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage2_weight_average_momentum"] == 0.998
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
-        if row == "main_held_out_stage2_recipe":
-            # The recipe's stage II as it stands, validated (with precise BN) every 4 epochs.
+        if row in ("main_held_out_stage2_recipe", "main_held_out_stage2_recipe_rerun"):
+            # The recipe's stage II as it stands, validated with precise BN (every 4 epochs, the
+            # rerun at its end only).
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
