@@ -184,6 +184,14 @@ def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...],
                True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
 
 
+def _held_out_recipe_stage2_row(suffix: str, description: str, row_flags: tuple[str, ...]) -> Row:
+    """Stage II of main_held_out again from its stage I on flickr8k.flags' own stage II (20
+    epochs, precise BN) changed only by `row_flags`: the probes of its length and schedule."""
+    return Row("flickr8k", f"main_held_out_stage2_{suffix}", description, (_config("flickr8k"),),
+               ("--stage=2", *row_flags), True, stage1_from_row="main_held_out", held_out=True,
+               word_vectors=GLOVE)
+
+
 def _held_out_blocks_row(blocks: int, instead_of: int) -> Row:
     """The probe fine-tuning the backbone's last `blocks` blocks in place of `instead_of`."""
     return _held_out_stage2_row(f"{blocks}_blocks",
@@ -320,40 +328,33 @@ ROWS: dict[str, dict[str, Row]] = {
             "BN: against main_held_out_stage2_lr_0_02_rerun and "
             "main_held_out_stage2_loss_weights_2_1_0_1 with precise BN (262.0, 262.8)",
             ("--stage2_weight_average_momentum=0.998",), precise_bn=True),
-        "main_held_out_stage2_recipe": Row(
-            "flickr8k", "main_held_out_stage2_recipe",
+        "main_held_out_stage2_recipe": _held_out_recipe_stage2_row(
+            "recipe",
             "Stage II of main_held_out again from its stage I exactly as the recipe runs it (20 "
             "epochs, lr down 10x after 16, precise BN), validated every 4 epochs: the held-out "
             "baseline of the recipe's own stage II and whether it still gains at its end",
-            (_config("flickr8k"),), ("--stage=2", "--validate_every_epochs=4"), True,
-            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage2_25_epochs": Row(
-            "flickr8k", "main_held_out_stage2_25_epochs",
+            ("--validate_every_epochs=4",)),
+        "main_held_out_stage2_25_epochs": _held_out_recipe_stage2_row(
+            "25_epochs",
             "Stage II of main_held_out again from its stage I as the recipe runs it (precise BN) "
             "but 25 epochs, lr down 10x after 20, validated at its end: whether the 13 minutes the "
             "dev run has left under 90 pay, as main_held_out_stage2_recipe still rose at its "
             "epoch 20 (269.2)",
-            (_config("flickr8k"),),
-            ("--stage=2", "--stage2_epochs=25", "--stage2_lr_boundaries=20",
-             "--validate_every_epochs=25"),
-            True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage2_drop_after_12": Row(
-            "flickr8k", "main_held_out_stage2_drop_after_12",
+            ("--stage2_epochs=25", "--stage2_lr_boundaries=20", "--validate_every_epochs=25")),
+        "main_held_out_stage2_drop_after_12": _held_out_recipe_stage2_row(
+            "drop_after_12",
             "Stage II of main_held_out again from its stage I as the recipe runs it (20 epochs, "
             "precise BN) but its lr down 10x after 12 epochs, not 16, validated at its end: at the "
             "recipe's cost, whether a longer low-rate tail pays, as the recipe's last 4 epochs "
             "bought 9.8 (259.4 to 269.2) and 5 more epochs at the base rate lost (265.4)",
-            (_config("flickr8k"),),
-            ("--stage=2", "--stage2_lr_boundaries=12", "--validate_every_epochs=20"),
-            True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage2_recipe_rerun": Row(
-            "flickr8k", "main_held_out_stage2_recipe_rerun",
+            ("--stage2_lr_boundaries=12", "--validate_every_epochs=20")),
+        "main_held_out_stage2_recipe_rerun": _held_out_recipe_stage2_row(
+            "recipe_rerun",
             "Stage II of main_held_out again from its stage I exactly as the recipe runs it (20 "
             "epochs, lr down 10x after 16, precise BN), validated at its end: the spread of the "
             "recipe's own held-out figure (269.2 in main_held_out_stage2_recipe), which the "
             "probes of stage II's length (265.4) and rate drop (259.8) lost to",
-            (_config("flickr8k"),), ("--stage=2", "--validate_every_epochs=20"), True,
-            stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
+            ("--validate_every_epochs=20",)),
         "main_held_out_stage1_curve": Row(
             "flickr8k", "main_held_out_stage1_curve",
             "Stage I of the main recipe alone (60 epochs, lr down 10x after 50) on the train list "

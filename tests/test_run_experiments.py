@@ -334,20 +334,15 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_weight_average_momentum"] is None
             continue
-        if row == "main_held_out_stage2_25_epochs":
-            # The recipe's stage II five epochs longer, its rate still dropping 4/5 of the way.
+        # The recipe's stage II five epochs longer (its rate still dropping 4/5 of the way), and
+        # at its length with its rate dropping after 12 epochs, not 16.
+        schedule = {"main_held_out_stage2_25_epochs": (25, ["20"]),
+                    "main_held_out_stage2_drop_after_12": (20, ["12"])}.get(row)
+        if schedule:
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert values["stage2_lr_values"] == ["0.02", "0.002"]
-            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (25, ["20"])
-            assert values["stage2_precise_bn"] is True
-            continue
-        if row == "main_held_out_stage2_drop_after_12":
-            # The recipe's stage II at its length, its rate dropping after 12 epochs, not 16.
-            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
-            assert values["stage2_backbone_trainable_blocks"] == 10
-            assert values["stage2_lr_values"] == ["0.02", "0.002"]
-            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["12"])
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == schedule
             assert values["stage2_precise_bn"] is True
             continue
         if row == "main_held_out_stage1_curve":
