@@ -112,7 +112,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_warmup", "main_held_out_stage2_head_lr_0_01",
         "main_held_out_stage2_weight_average", "main_held_out_stage2_recipe",
         "main_held_out_stage2_25_epochs", "main_held_out_stage2_drop_after_12",
-        "main_held_out_stage2_recipe_rerun",
+        "main_held_out_stage2_recipe_rerun", "main_held_out_stage2_13_blocks_lr_0_02",
         "main_held_out_stage1_curve", "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -200,7 +200,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_recipe",
                         "main_held_out_stage2_25_epochs",
                         "main_held_out_stage2_drop_after_12",
-                        "main_held_out_stage2_recipe_rerun")), name
+                        "main_held_out_stage2_recipe_rerun",
+                        "main_held_out_stage2_13_blocks_lr_0_02")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -213,6 +214,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_25_epochs",
                                           "main_held_out_stage2_drop_after_12",
                                           "main_held_out_stage2_recipe_rerun",
+                                          "main_held_out_stage2_13_blocks_lr_0_02",
                                           "main_held_out_stage1_curve",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
@@ -279,6 +281,14 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if row in ("main_held_out_stage2_10_blocks", "main_held_out_stage2_13_blocks"):
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == int(row.split("_")[-2])
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
+            continue
+        if row == "main_held_out_stage2_13_blocks_lr_0_02":
+            # The recipe's stage II (lr 0.02, precise BN) at 10 epochs on the last 13 blocks.
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
+            assert values["stage2_backbone_trainable_blocks"] == 13
+            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert values["stage2_backbone_lr_multiplier"] == 0.1
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         if row in ("main_held_out_stage2_lr_0_02", "main_held_out_stage2_lr_0_04"):
