@@ -37,7 +37,7 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
                  "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn",
-                 "stage2_weight_average_momentum"]
+                 "stage2_weight_average_momentum", "validate_every_epochs"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -113,7 +113,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_weight_average", "main_held_out_stage2_recipe",
         "main_held_out_stage2_25_epochs", "main_held_out_stage2_drop_after_12",
         "main_held_out_stage2_recipe_rerun", "main_held_out_stage2_13_blocks_lr_0_02",
-        "main_held_out_stage1_curve", "main_held_out_embedding_lr_1", "main_held_out_bn_training_views",
+        "main_held_out_stage1_curve", "main_held_out_stage1_wide_text", "main_held_out_embedding_lr_1",
+        "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
         "separate_classifiers", "no_position_shift", "random_word_init", "instance_only_paper",
@@ -216,6 +217,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_recipe_rerun",
                                           "main_held_out_stage2_13_blocks_lr_0_02",
                                           "main_held_out_stage1_curve",
+                                          "main_held_out_stage1_wide_text",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -256,7 +258,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12",
-                        "_stage1_curve", "_embedding_lr_1", "_bn_training_views",
+                        "_stage1_curve", "_stage1_wide_text", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -353,8 +355,13 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == schedule
             assert values["stage2_precise_bn"] is True
             continue
-        if row == "main_held_out_stage1_curve":
+        if row in ("main_held_out_stage1_curve", "main_held_out_stage1_wide_text"):
+            # Stage I alone, validated every 10 epochs; the probe differs in its text widths only.
             assert values["stage"] == "1" and values["stage1_epochs"] == 60
+            assert values["validate_every_epochs"] == 10
+            assert values["text_blocks"] == ["1", "1", "1", "1"]
+            assert values["text_widths"] == (["256", "512", "1024", "2048"] if row.endswith("_wide_text")
+                                             else ["128", "256", "512", "1024"]), name
             continue
         if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
             assert values["stage"] == "both"
