@@ -113,7 +113,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_weight_average", "main_held_out_stage2_recipe",
         "main_held_out_stage2_25_epochs", "main_held_out_stage2_drop_after_12",
         "main_held_out_stage2_recipe_rerun", "main_held_out_stage2_13_blocks_lr_0_02",
-        "main_held_out_stage1_curve", "main_held_out_stage1_wide_text", "main_held_out_embedding_lr_1",
+        "main_held_out_stage2_dropout_0_5", "main_held_out_stage1_curve", "main_held_out_stage1_wide_text", "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -202,7 +202,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_25_epochs",
                         "main_held_out_stage2_drop_after_12",
                         "main_held_out_stage2_recipe_rerun",
-                        "main_held_out_stage2_13_blocks_lr_0_02")), name
+                        "main_held_out_stage2_13_blocks_lr_0_02",
+                        "main_held_out_stage2_dropout_0_5")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -216,6 +217,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_drop_after_12",
                                           "main_held_out_stage2_recipe_rerun",
                                           "main_held_out_stage2_13_blocks_lr_0_02",
+                                          "main_held_out_stage2_dropout_0_5",
                                           "main_held_out_stage1_curve",
                                           "main_held_out_stage1_wide_text",
                                           "main_held_out_embedding_lr_1",
@@ -257,7 +259,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
-                        "_25_epochs", "_drop_after_12",
+                        "_25_epochs", "_drop_after_12", "_dropout_0_5",
                         "_stage1_curve", "_stage1_wide_text", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
@@ -322,14 +324,15 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         # The recipe's stage II (lr 0.02, precise BN included) at 10 epochs with one change:
-        # ending on the weights' average, or fine-tuning the last 13 blocks.
+        # ending on the weights' average, fine-tuning the last 13 blocks, or dropout before W.
         changed = {"main_held_out_stage2_weight_average": {"stage2_weight_average_momentum": 0.998},
                    "main_held_out_stage2_13_blocks_lr_0_02": {
                        "stage2_backbone_trainable_blocks": 13,
-                       "stage2_backbone_lr_multiplier": 0.1}}.get(row)
+                       "stage2_backbone_lr_multiplier": 0.1},
+                   "main_held_out_stage2_dropout_0_5": {"dropout": 0.5}}.get(row)
         if changed:
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
-            expected = {"stage2_backbone_trainable_blocks": 10,
+            expected = {"stage2_backbone_trainable_blocks": 10, "dropout": 0.0,
                         "stage2_lr_values": ["0.02", "0.002"], **changed}
             for key, value in expected.items():
                 assert values[key] == value, (name, key)
