@@ -37,7 +37,7 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
                  "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn",
-                 "stage2_weight_average_momentum", "validate_every_epochs"]
+                 "stage2_weight_average_momentum", "validate_every_epochs", "batch_size"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -113,7 +113,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_weight_average", "main_held_out_stage2_recipe",
         "main_held_out_stage2_25_epochs", "main_held_out_stage2_drop_after_12",
         "main_held_out_stage2_recipe_rerun", "main_held_out_stage2_13_blocks_lr_0_02",
-        "main_held_out_stage2_dropout_0_5", "main_held_out_stage1_curve", "main_held_out_stage1_wide_text", "main_held_out_embedding_lr_1",
+        "main_held_out_stage2_dropout_0_5", "main_held_out_stage2_batch_64",
+        "main_held_out_stage1_curve", "main_held_out_stage1_wide_text", "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -203,7 +204,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_drop_after_12",
                         "main_held_out_stage2_recipe_rerun",
                         "main_held_out_stage2_13_blocks_lr_0_02",
-                        "main_held_out_stage2_dropout_0_5")), name
+                        "main_held_out_stage2_dropout_0_5",
+                        "main_held_out_stage2_batch_64")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -218,6 +220,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_recipe_rerun",
                                           "main_held_out_stage2_13_blocks_lr_0_02",
                                           "main_held_out_stage2_dropout_0_5",
+                                          "main_held_out_stage2_batch_64",
                                           "main_held_out_stage1_curve",
                                           "main_held_out_stage1_wide_text",
                                           "main_held_out_embedding_lr_1",
@@ -259,7 +262,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             continue
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
-                        "_25_epochs", "_drop_after_12", "_dropout_0_5",
+                        "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
                         "_stage1_curve", "_stage1_wide_text", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
@@ -324,15 +327,18 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
             continue
         # The recipe's stage II (lr 0.02, precise BN included) at 10 epochs with one change:
-        # ending on the weights' average, fine-tuning the last 13 blocks, or dropout before W.
+        # ending on the weights' average, fine-tuning the last 13 blocks, dropout before W, or
+        # batches of 64 at twice the rate.
         changed = {"main_held_out_stage2_weight_average": {"stage2_weight_average_momentum": 0.998},
                    "main_held_out_stage2_13_blocks_lr_0_02": {
                        "stage2_backbone_trainable_blocks": 13,
                        "stage2_backbone_lr_multiplier": 0.1},
-                   "main_held_out_stage2_dropout_0_5": {"dropout": 0.5}}.get(row)
+                   "main_held_out_stage2_dropout_0_5": {"dropout": 0.5},
+                   "main_held_out_stage2_batch_64": {
+                       "batch_size": 64, "stage2_lr_values": ["0.04", "0.004"]}}.get(row)
         if changed:
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
-            expected = {"stage2_backbone_trainable_blocks": 10, "dropout": 0.0,
+            expected = {"stage2_backbone_trainable_blocks": 10, "dropout": 0.0, "batch_size": 32,
                         "stage2_lr_values": ["0.02", "0.002"], **changed}
             for key, value in expected.items():
                 assert values[key] == value, (name, key)
