@@ -378,6 +378,14 @@ ROWS: dict[str, dict[str, Row]] = {
             "main_held_out_stage2_loss_weights_2_1_0_1 and main_held_out_stage2_warmup with "
             "precise BN (262.0, 262.8, 261.6)",
             ("--batch_size=64", "--stage2_lr_values=0.04,0.004"), precise_bn=True),
+        "main_held_out_stage2_recipe_batch_64": _held_out_recipe_stage2_row(
+            "recipe_batch_64",
+            "Stage II of main_held_out again from its stage I as the recipe runs it (20 epochs, lr "
+            "down 10x after 16, precise BN) on batches of 64 at twice the rate (lr 0.04, then "
+            "0.004), validated at its end: whether main_held_out_stage2_batch_64's lead at 10 "
+            "epochs (265.4 against 262.0, 262.8 and 261.6) holds at the recipe's length, against "
+            "main_held_out_stage2_recipe and its rerun (269.2, 269.7)",
+            ("--batch_size=64", "--stage2_lr_values=0.04,0.004", "--validate_every_epochs=20")),
         "main_held_out_stage1_curve": Row(
             "flickr8k", "main_held_out_stage1_curve",
             "Stage I of the main recipe alone (60 epochs, lr down 10x after 50) on the train list "

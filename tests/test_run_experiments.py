@@ -114,6 +114,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_25_epochs", "main_held_out_stage2_drop_after_12",
         "main_held_out_stage2_recipe_rerun", "main_held_out_stage2_13_blocks_lr_0_02",
         "main_held_out_stage2_dropout_0_5", "main_held_out_stage2_batch_64",
+        "main_held_out_stage2_recipe_batch_64",
         "main_held_out_stage1_curve", "main_held_out_stage1_wide_text", "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
@@ -205,7 +206,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_recipe_rerun",
                         "main_held_out_stage2_13_blocks_lr_0_02",
                         "main_held_out_stage2_dropout_0_5",
-                        "main_held_out_stage2_batch_64")), name
+                        "main_held_out_stage2_batch_64",
+                        "main_held_out_stage2_recipe_batch_64")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
@@ -221,6 +223,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_13_blocks_lr_0_02",
                                           "main_held_out_stage2_dropout_0_5",
                                           "main_held_out_stage2_batch_64",
+                                          "main_held_out_stage2_recipe_batch_64",
                                           "main_held_out_stage1_curve",
                                           "main_held_out_stage1_wide_text",
                                           "main_held_out_embedding_lr_1",
@@ -356,11 +359,15 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         # The recipe's stage II five epochs longer (its rate still dropping 4/5 of the way), and
         # at its length with its rate dropping after 12 epochs, not 16.
         schedule = {"main_held_out_stage2_25_epochs": (25, ["20"]),
-                    "main_held_out_stage2_drop_after_12": (20, ["12"])}.get(row)
+                    "main_held_out_stage2_drop_after_12": (20, ["12"]),
+                    "main_held_out_stage2_recipe_batch_64": (20, ["16"])}.get(row)
         if schedule:
+            # ... and at its length and schedule on batches of 64 at twice the rate.
+            batch_64 = row.endswith("_batch_64")
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == 10
-            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert values["batch_size"] == (64 if batch_64 else 32), name
+            assert values["stage2_lr_values"] == (["0.04", "0.004"] if batch_64 else ["0.02", "0.002"])
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == schedule
             assert values["stage2_precise_bn"] is True
             continue

@@ -149,6 +149,7 @@ def test_missing_json_says_not_run_yet(tmp_path):
             "main_held_out_stage2_25_epochs, main_held_out_stage2_drop_after_12, "
             "main_held_out_stage2_recipe_rerun, main_held_out_stage2_13_blocks_lr_0_02, "
             "main_held_out_stage2_dropout_0_5, main_held_out_stage2_batch_64, "
+            "main_held_out_stage2_recipe_batch_64, "
             "main_held_out_stage1_curve, main_held_out_stage1_wide_text, "
             "main_held_out_embedding_lr_1, main_held_out_bn_training_views, "
             "main_held_out_bn_stage2_top "
