@@ -170,6 +170,14 @@ STAGE2_LR_0_01 = "--stage2_lr_values=0.01,0.001"
 # Stage II's BN statistics as Keras' moving average left them, before the held-out split chose
 # precise BN (flickr8k.flags): every row that ran before.
 NO_PRECISE_BN = "--nostage2_precise_bn"
+# The 10-epoch probes of the recipe's stage II with precise BN, from main_held_out's stage I, that
+# a one-change probe of the same length is measured against.
+PRECISE_BN_10_EPOCH_BASELINES = (
+    "against main_held_out_stage2_lr_0_02_rerun, main_held_out_stage2_loss_weights_2_1_0_1 and "
+    "main_held_out_stage2_warmup with precise BN (262.0, 262.8, 261.6)")
+# Stage II on batches of 64 at twice the recipe's rate (Goyal et al.'s linear scaling): the
+# held-out probes at 10 and 20 epochs.
+STAGE2_BATCH_64 = ("--batch_size=64", "--stage2_lr_values=0.04,0.004")
 
 
 def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...],
@@ -358,26 +366,19 @@ ROWS: dict[str, dict[str, Row]] = {
         "main_held_out_stage2_13_blocks_lr_0_02": _held_out_stage2_row(
             "13_blocks_lr_0_02", "as the recipe runs it (lr 0.02, precise BN) fine-tuning the "
             "backbone's last 13 blocks, not 10 (13 lost at lr 0.01 without precise BN, 230.0 "
-            "against 233.8): against main_held_out_stage2_lr_0_02_rerun, "
-            "main_held_out_stage2_loss_weights_2_1_0_1 and main_held_out_stage2_warmup with "
-            "precise BN (262.0, 262.8, 261.6)",
+            "against 233.8): " + PRECISE_BN_10_EPOCH_BASELINES,
             ("--stage2_backbone_trainable_blocks=13",), precise_bn=True),
         "main_held_out_stage2_dropout_0_5": _held_out_stage2_row(
             "dropout_0_5", "as the recipe runs it (lr 0.02, precise BN) with dropout 0.5 before "
             "the instance classifier W, not none (the paper's stage II: 0.75 on Flickr30k, 0.5 on "
             "COCO), as the image path's train instance accuracy stays at 1.00 through the "
-            "recipe's stage II: against main_held_out_stage2_lr_0_02_rerun, "
-            "main_held_out_stage2_loss_weights_2_1_0_1 and main_held_out_stage2_warmup with "
-            "precise BN (262.0, 262.8, 261.6)",
+            "recipe's stage II: " + PRECISE_BN_10_EPOCH_BASELINES,
             ("--dropout=0.5",), precise_bn=True),
         "main_held_out_stage2_batch_64": _held_out_stage2_row(
             "batch_64", "as the recipe runs it (precise BN) with batches of 64, not 32, at twice "
             "the rate (lr 0.04, then 0.004; Goyal et al.'s linear scaling): 63 negatives per "
             "example for the ranking loss in place of 31 (VSE++ trains on batches of 128), in half "
-            "the steps: against main_held_out_stage2_lr_0_02_rerun, "
-            "main_held_out_stage2_loss_weights_2_1_0_1 and main_held_out_stage2_warmup with "
-            "precise BN (262.0, 262.8, 261.6)",
-            ("--batch_size=64", "--stage2_lr_values=0.04,0.004"), precise_bn=True),
+            "the steps: " + PRECISE_BN_10_EPOCH_BASELINES, STAGE2_BATCH_64, precise_bn=True),
         "main_held_out_stage2_recipe_batch_64": _held_out_recipe_stage2_row(
             "recipe_batch_64",
             "Stage II of main_held_out again from its stage I as the recipe runs it (20 epochs, lr "
@@ -385,7 +386,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "0.004), validated at its end: whether main_held_out_stage2_batch_64's lead at 10 "
             "epochs (265.4 against 262.0, 262.8 and 261.6) holds at the recipe's length, against "
             "main_held_out_stage2_recipe and its rerun (269.2, 269.7)",
-            ("--batch_size=64", "--stage2_lr_values=0.04,0.004", "--validate_every_epochs=20")),
+            (*STAGE2_BATCH_64, "--validate_every_epochs=20")),
         "main_held_out_stage1_curve": Row(
             "flickr8k", "main_held_out_stage1_curve",
             "Stage I of the main recipe alone (60 epochs, lr down 10x after 50) on the train list "
