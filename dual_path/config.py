@@ -227,6 +227,9 @@ class StageConfig:
         "validation uses the averages, and at the stage's end, before precise BN and the final "
         "checkpoint, they replace the weights (optimization.averaged_weights); default: none.",
         {2: None}, default=None)
+    batch_size: int | None = stage_setting(
+        "Global batch size of the stage (all replicas together), its epochs counted in its own "
+        "steps; default: --batch_size.", {2: None}, default=None, lower_bound=1)
     feature_views: int = stage_setting(
         "With a frozen backbone: train on its cached features of this many augmented views per "
         "image, computed once, one drawn per image and epoch (dual_path.feature_cache); 0 runs "
@@ -312,9 +315,14 @@ class TrainConfig:
         "W's columns are set from the image head's features of each class's training images "
         "(instance_classifier.imprint).", choices=instance_classifier.CLASSIFIER_INITS)
 
+    def stage_batch_size(self, stage: StageConfig) -> int:
+        """The stage's global batch size: its own batch_size, else the run's."""
+        return self.batch_size if stage.batch_size is None else stage.batch_size
+
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        for batch_size in (self.batch_size, *(stage.batch_size for stage in self.stages)):
+            if batch_size is not None and batch_size < 1:
+                raise ValueError(f"batch_size must be positive, got {batch_size}")
         numbers = [stage.stage for stage in self.stages]
         if not numbers or numbers != sorted(set(numbers)) or not set(numbers) <= set(STAGES):
             raise ValueError(f"stages must be 1, 2 or 1 then 2, got {numbers}")

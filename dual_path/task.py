@@ -46,7 +46,7 @@ def batch_losses(outputs: dict, labels: tf.Tensor, config: TrainConfig,
 
     def accuracy(logits):
         correct = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels)
-        return tf.reduce_sum(tf.cast(correct, tf.float32)) / config.batch_size
+        return tf.reduce_sum(tf.cast(correct, tf.float32)) / config.stage_batch_size(stage)
 
     return {"loss": total, "rank_loss": rank_loss, "image_loss": image_loss,
             "text_loss": text_loss, "image_accuracy": accuracy(outputs["image_logits"]),

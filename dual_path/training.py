@@ -140,13 +140,17 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.chief = is_chief(self.strategy)
         self.manifest = input_pipeline.load_manifest(config.shard_dir)
-        self.steps_per_epoch = input_pipeline.steps_per_epoch(self.manifest, config.batch_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{config.shard_dir}: fewer training images than one batch of "
-                             f"{config.batch_size}")
-        if config.batch_size % self.strategy.num_replicas_in_sync:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                             f"{self.strategy.num_replicas_in_sync} replicas")
+        self.steps_per_epoch: dict[int, int] = {}
+        """stage number -> its steps per epoch (its batch size's full batches)."""
+        for stage in config.stages:
+            batch_size = config.stage_batch_size(stage)
+            self.steps_per_epoch[stage.stage] = input_pipeline.steps_per_epoch(self.manifest, batch_size)
+            if self.steps_per_epoch[stage.stage] < 1:
+                raise ValueError(f"{config.shard_dir}: fewer training images than one batch of "
+                                 f"{batch_size} (stage {stage.stage})")
+            if batch_size % self.strategy.num_replicas_in_sync:
+                raise ValueError(f"stage {stage.stage}: batch_size {batch_size} is not divisible "
+                                 f"by the {self.strategy.num_replicas_in_sync} replicas")
         self.has_validation = self._has_split(config.validation_split)
         init_path = text.word2vec_init_path(config.shard_dir)
         embedding_init = None
@@ -211,7 +215,8 @@ class Trainer:
             else:
                 logging.info("stage %d keeps the whole backbone frozen", stage.stage)
         schedule = optimization.schedule_from_flags(
-            stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit, self.steps_per_epoch)
+            stage.lr_boundaries, stage.lr_values, config.lr_boundary_unit,
+            self.steps_per_epoch[stage.stage])
         with self.strategy.scope():
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             optimizer = optimization.build_optimizer(
@@ -342,14 +347,15 @@ class Trainer:
         if stage.feature_views:
             cache = self._feature_cache(stage)
             dataset = input_pipeline.cached_feature_dataset(
-                config.shard_dir, cache.features, cache.flipped, batch_size=config.batch_size,
+                config.shard_dir, cache.features, cache.flipped,
+                batch_size=config.stage_batch_size(stage),
                 max_length=config.model.max_length, seed=seed, flip=config.flip,
                 position_shift=config.position_shift, start_step=start_step)
         else:
             dataset = input_pipeline.train_dataset(
-                config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
-                max_length=config.model.max_length, seed=seed, flip=config.flip,
-                position_shift=config.position_shift, start_step=start_step)
+                config.shard_dir, batch_size=config.stage_batch_size(stage),
+                image_size=config.model.image_size, max_length=config.model.max_length, seed=seed,
+                flip=config.flip, position_shift=config.position_shift, start_step=start_step)
         return iter(self.strategy.experimental_distribute_dataset(
             input_pipeline.sharded_by_data(dataset)))
 
@@ -382,14 +388,17 @@ class Trainer:
             variable.assign(value)
         return features, labels
 
-    def reestimate_backbone_batch_norm(self, from_layer: int) -> None:
-        """`reestimate_batch_norm_on_training_views` on this run's backbone, logged."""
+    def reestimate_backbone_batch_norm(self, stage: StageConfig, from_layer: int) -> None:
+        """`reestimate_batch_norm_on_training_views` on this run's backbone in batches of the
+        stage's size (batch statistics depend on it), logged."""
         start = time.monotonic()
-        batches = reestimate_batch_norm_on_training_views(self.model.backbone, self.config, from_layer)
+        batch_size = self.config.stage_batch_size(stage)
+        batches = reestimate_batch_norm_on_training_views(self.model.backbone, self.config,
+                                                          from_layer, batch_size)
         logging.info("re-estimated the BatchNorm statistics of the backbone from its layer %d (%s) "
                      "on %d batches of %d training views in %.1f s", from_layer,
                      image_path.leaf_layers(self.model.backbone)[from_layer].name, batches,
-                     self.config.batch_size, time.monotonic() - start)
+                     batch_size, time.monotonic() - start)
 
     def _trained_top(self, stage: StageConfig) -> int:
         """Where the backbone's part that `stage` trains starts (`image_path.first_trainable_layer`)."""
@@ -420,7 +429,7 @@ class Trainer:
             return done
         state = self._start_stage(stage)
         self._summary_step_offset = self._stage_start_global_step(stage.stage)
-        if state.step < stage.epochs * self.steps_per_epoch:
+        if state.step < stage.epochs * self.steps_per_epoch[stage.stage]:
             self._train_loop(state)
         done = state.checkpoints.finish(write=self.chief)
         if self.has_validation:
@@ -450,9 +459,10 @@ class Trainer:
             checkpointing.load_stage1_final(self.model, self._stage1_dir)
         else:
             if self.config.backbone_bn_statistics == "training_views":
-                self.reestimate_backbone_batch_norm(0)
+                self.reestimate_backbone_batch_norm(stage, 0)
             elif self.config.backbone_bn_statistics == "training_views_stage2_top":
-                self.reestimate_backbone_batch_norm(self._trained_top(self.config.stages[1]))
+                stage2 = self.config.stages[1]
+                self.reestimate_backbone_batch_norm(stage2, self._trained_top(stage2))
             if self.config.classifier_init == "imprint":
                 self.imprint_classifier(stage)
         return StageState(stage, schedule, optimizer, variables, checkpoints,
@@ -499,14 +509,16 @@ class Trainer:
         the loop's finiteness once per call, and the means only at log and validation
         intervals."""
         config, stage, checkpoints = self.config, state.stage, state.checkpoints
-        total_steps = stage.epochs * self.steps_per_epoch
+        steps_per_epoch = self.steps_per_epoch[stage.stage]
+        total_steps = stage.epochs * steps_per_epoch
         train_loop, log_means, interval_means = self.make_train_loop(
             stage, state.optimizer, state.schedule, state.variables.step)
         iterator = self._train_dataset(stage, state.step)
         current = state.step
         interval_steps, interval_start = 0, time.monotonic()
         while current < total_steps:
-            num_steps = min(config.steps_per_loop, self._steps_to_boundary(current, total_steps))
+            num_steps = min(config.steps_per_loop,
+                            self._steps_to_boundary(current, total_steps, steps_per_epoch))
             finite, values = train_loop(iterator, tf.constant(num_steps, tf.int32))
             previous, current = current, state.step
             if not bool(finite):
@@ -518,7 +530,7 @@ class Trainer:
                     f"the last good checkpoint is {checkpoints.last_good}")
             interval_steps += current - previous
 
-            epoch_end = current % self.steps_per_epoch == 0
+            epoch_end = current % steps_per_epoch == 0
             if current % config.log_every_steps == 0 or epoch_end or current == total_steps:
                 elapsed = max(time.monotonic() - interval_start, 1e-9)
                 self._log_progress(stage, current, total_steps, state.schedule.value_at(current - 1),
@@ -527,8 +539,8 @@ class Trainer:
                 interval_steps = 0
             if epoch_end:
                 checkpoints.check_finite(current)
-                state.variables.epoch.assign(current // self.steps_per_epoch)
-                finished = current // self.steps_per_epoch
+                state.variables.epoch.assign(current // steps_per_epoch)
+                finished = current // steps_per_epoch
                 interval_end = finished % config.validate_every_epochs == 0 or current == total_steps
                 if interval_end:
                     self._check_instance_health(stage, finished, _read_and_reset(interval_means),
@@ -554,7 +566,7 @@ class Trainer:
         with contextlib.nullcontext() if final else optimization.averaged_weights(
                 state.optimizer, variables):
             if stage.precise_bn:
-                self.reestimate_backbone_batch_norm(self._trained_top(stage))
+                self.reestimate_backbone_batch_norm(stage, self._trained_top(stage))
             if self.has_validation:
                 rsum = self._validate(stage.stage, current, state.writers["validation"])
                 if rsum > float(state.variables.best_rsum.numpy()):
@@ -563,10 +575,10 @@ class Trainer:
                     logging.info("stage %d epoch %d: new best validation rsum %.2f",
                                  stage.stage, finished, rsum)
 
-    def _steps_to_boundary(self, current: int, total_steps: int) -> int:
+    def _steps_to_boundary(self, current: int, total_steps: int, steps_per_epoch: int) -> int:
         """Steps from `current` to the next log, checkpoint, epoch or stage end."""
         config = self.config
-        periods = [config.log_every_steps, self.steps_per_epoch]
+        periods = [config.log_every_steps, steps_per_epoch]
         if config.checkpoint_every_steps:
             periods.append(config.checkpoint_every_steps)
         return min([total_steps - current] + [period - current % period for period in periods])
@@ -589,8 +601,8 @@ class Trainer:
 
     def _log_progress(self, stage, current, total_steps, lr, means, steps_per_second, writer):
         config = self.config
-        examples_per_second = steps_per_second * config.batch_size
-        epoch_progress = current / self.steps_per_epoch
+        examples_per_second = steps_per_second * config.stage_batch_size(stage)
+        epoch_progress = current / self.steps_per_epoch[stage.stage]
         logging.info(
             "stage %d | epoch %.2f/%d | step %d/%d | loss %.4f (rank %.4f image %.4f text %.4f) | "
             "accuracy image %.3f text %.3f | lr %.3g | %.1f examples/s",
@@ -689,17 +701,18 @@ class Trainer:
 
 
 def reestimate_batch_norm_on_training_views(backbone: keras.Model, config: TrainConfig,
-                                           from_layer: int) -> int:
+                                           from_layer: int, batch_size: int) -> int:
     """Sets the moving statistics of backbone's BatchNorm layers from its leaf layer
     `from_layer` on (`image_path.first_trainable_layer`) from one augmented view of every
-    training image of the run's shards, in full batches of its batch_size, with its seed and flip
+    training image of the run's shards, in full batches of batch_size (the stage's whose
+    statistics they stand for), with the run's seed and flip
     (`input_pipeline.batch_norm_view_batches`, `image_path.reestimate_batch_norm_statistics`):
     what the trainer does for precise BN and before stage I, and dual-path-evaluate
     --precise_bn_blocks on a finished run. Returns the number of batches averaged."""
     return image_path.reestimate_batch_norm_statistics(
         backbone,
         input_pipeline.batch_norm_view_batches(
-            config.shard_dir, batch_size=config.batch_size, image_size=config.model.image_size,
+            config.shard_dir, batch_size=batch_size, image_size=config.model.image_size,
             seed=config.seed, flip=config.flip),
         from_layer=from_layer)
 

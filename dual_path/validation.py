@@ -3,7 +3,7 @@ retrieval protocol of the run's fold count (`dual_path.protocols`), the validati
 run, and the embeddings of the last validation (which the projector and the final results
 reuse when the weights have not changed since).
 """
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -26,7 +26,8 @@ class Validator:
     `protocols.retrieval_protocol(folds)`, and keeps the run's validation curve."""
 
     def __init__(self, embedder: embeddings.SplitEmbedder, shard_dir: str, folds: int,
-                 steps_per_epoch: int):
+                 steps_per_epoch: Mapping[int, int]):
+        """steps_per_epoch: stage number -> its steps per epoch (the curve's epochs)."""
         self.embedder = embedder
         self.shard_dir = shard_dir
         self.protocol = protocols.retrieval_protocol(folds)
@@ -53,7 +54,7 @@ class Validator:
         """Evaluates the split, remembers it as the last validation and adds it to the curve."""
         metrics, split_embeddings, similarity = self.evaluate(split)
         self.last = Validation(stage, step, metrics, split_embeddings, similarity)
-        self.curve.append({"stage": stage, "step": step, "epoch": step / self.steps_per_epoch,
+        self.curve.append({"stage": stage, "step": step, "epoch": step / self.steps_per_epoch[stage],
                            "rsum": metrics["rsum"]})
         return self.last
 

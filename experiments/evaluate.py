@@ -95,7 +95,8 @@ class Encoders(NamedTuple):
 def restore_encoders(model_dir: str, which: str, precise_bn_blocks: int | None = None) -> Encoders:
     """The run's model (`run_layout.restore`), defaults from its config.json; with
     precise_bn_blocks, the BN statistics of the backbone's last N blocks re-estimated on the
-    run's training views first (`training.reestimate_batch_norm_on_training_views`)."""
+    run's training views first (`training.reestimate_batch_norm_on_training_views`, in
+    batches of its last stage's size)."""
     model, checkpoint = run_layout.restore(model_dir, which)
     run_config = run_layout.load_run_config(model_dir)
     source = {"model_dir": model_dir, "checkpoint": checkpoint}
@@ -103,7 +104,8 @@ def restore_encoders(model_dir: str, which: str, precise_bn_blocks: int | None =
         model.backbone.trainable = False
         training.reestimate_batch_norm_on_training_views(
             model.backbone, run_config,
-            image_path.first_trainable_layer(model.backbone, blocks=precise_bn_blocks))
+            image_path.first_trainable_layer(model.backbone, blocks=precise_bn_blocks),
+            run_config.stage_batch_size(run_config.stages[-1]))
         source["precise_bn_blocks"] = precise_bn_blocks
     defaults = {"shard_dir": run_config.shard_dir, "flip_images": run_config.eval_flip_images,
                 "shift_texts": run_config.eval_shift_texts}

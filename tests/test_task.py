@@ -24,10 +24,10 @@ def run_config(**overrides) -> TrainConfig:
                        batch_size=8, margin=0.2, **overrides)
 
 
-def stage(weights: str, hardest_negative=None) -> StageConfig:
+def stage(weights: str, hardest_negative=None, batch_size=None) -> StageConfig:
     return StageConfig(stage=2, epochs=1, lr_values=(0.1,), lr_boundaries=(),
                        loss_weights=LossWeights.parse(weights), train_backbone=True,
-                       hardest_negative=hardest_negative)
+                       hardest_negative=hardest_negative, batch_size=batch_size)
 
 
 def test_the_total_is_the_weighted_sum_and_accuracy_is_over_the_global_batch():
@@ -45,6 +45,9 @@ def test_the_total_is_the_weighted_sum_and_accuracy_is_over_the_global_batch():
     assert float(values["image_accuracy"]) == pytest.approx(3 / 8)
     # -logits: argmax is the first of the two zeros, right only for row 2 (label 1).
     assert float(values["text_accuracy"]) == pytest.approx(1 / 8)
+    # A stage with its own batch size (--stage2_batch_size): over that global batch of 16.
+    own = task.batch_losses(outputs, labels, run_config(), stage("1:1:1", batch_size=16))
+    assert float(own["image_accuracy"]) == pytest.approx(3 / 16)
 
 
 def test_a_zero_ranking_weight_skips_the_ranking_loss_and_a_stage_overrides_hardest_negative():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dual_path import checkpointing, embeddings, evaluation, losses, run_layout, training
+from dual_path import checkpointing, embeddings, evaluation, input_pipeline, losses, run_layout, training
 from dual_path.config import TrainConfig
 
 from conftest import tiny_model, tiny_model_flags
@@ -107,7 +107,7 @@ def test_training_view_bn_statistics_are_set_once_before_stage1_and_start_stage2
 
     resumed = training.Trainer(config)
     calls = []
-    resumed.reestimate_backbone_batch_norm = lambda: calls.append(True)
+    resumed.reestimate_backbone_batch_norm = lambda *args: calls.append(args)
     resumed.run_stage(config.stages[0])
     state = resumed._start_stage(config.stages[1])
     assert not calls and state.step == 0
@@ -149,7 +149,7 @@ def test_precise_bn_leaves_stage2s_checkpoint_with_the_mean_batch_statistics_of_
         restored, _ = run_layout.restore(str(tmp_path / name), which="last")
         final = snapshot(restored.backbone.weights)
         assert changed(final, snapshot(trainer.model.backbone.weights)) == set()
-        trainer.reestimate_backbone_batch_norm(trainer._trained_top(top))
+        trainer.reestimate_backbone_batch_norm(top, trainer._trained_top(top))
         again = snapshot(trainer.model.backbone.weights)
         return {path: np.abs(final[path] - again[path]).max() for path in final}
 
@@ -161,6 +161,38 @@ def test_precise_bn_leaves_stage2s_checkpoint_with_the_mean_batch_statistics_of_
     with pytest.raises(ValueError, match="stage 2: precise_bn re-estimates the statistics of the "
                                          "BatchNorm layers the stage trains, but it trains none"):
         tiny_config(shard_dir, tmp_path / "other", [stage(2, precise_bn=True, backbone_bn_frozen=True)])
+
+
+def test_stage2_on_its_own_batch_size_counts_its_epochs_and_precise_bn_in_its_batches(
+        shard_dir, tmp_path, monkeypatch):
+    """--stage2_batch_size: stage II trains and re-estimates its BN statistics (precise BN) on
+    batches of its own size, its epochs in its own steps (40 images: 5 steps of 8 in stage I,
+    2 of 20 in stage II); stage I keeps --batch_size."""
+    batch_sizes = []
+    for name in ("train_dataset", "cached_feature_dataset", "batch_norm_view_batches"):
+        original = getattr(input_pipeline, name)
+
+        def recording(*args, _name=name, _original=original, **kwargs):
+            batch_sizes.append((_name, kwargs["batch_size"]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(input_pipeline, name, recording)
+    top = stage(2, epochs=2, batch_size=20, backbone_trainable_blocks=1, precise_bn=True)
+    config = tiny_config(shard_dir, tmp_path / "run", [stage(1, feature_views=2), top],
+                         validate_every_epochs=1)
+    trainer = training.Trainer(config)
+    assert trainer.steps_per_epoch == {1: STEPS_PER_EPOCH, 2: NUM_TRAIN // 20}
+    results = trainer.train()
+    assert batch_sizes == [("cached_feature_dataset", BATCH), ("train_dataset", 20),
+                           ("batch_norm_view_batches", 20), ("batch_norm_view_batches", 20)]
+    assert run_layout.read_done_marker(str(tmp_path / "run"), 1)["step"] == STEPS_PER_EPOCH
+    assert run_layout.read_done_marker(str(tmp_path / "run"), 2)["step"] == 2 * (NUM_TRAIN // 20)
+    assert [(point["stage"], point["step"], point["epoch"]) for point in results["validation_curve"]] == [
+        (1, STEPS_PER_EPOCH, 1.0), (2, 2, 1.0), (2, 4, 2.0)]
+    with pytest.raises(ValueError, match="fewer training images than one batch of 64 \\(stage 2\\)"):
+        training.Trainer(tiny_config(shard_dir, tmp_path / "big", [stage(1), stage(2, batch_size=64)]))
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        tiny_config(shard_dir, tmp_path / "zero", [stage(2, batch_size=0)])
 
 
 def test_weight_average_is_validated_mid_stage_and_becomes_stage2s_final_weights(shard_dir,
@@ -203,7 +235,8 @@ def test_weight_average_is_validated_mid_stage_and_becomes_stage2s_final_weights
     final = snapshot(restored.backbone.weights)
     assert all(np.allclose(final[path], averages[-1][path], atol=1e-5)
                for path in averages[-1] if path in final)
-    trainer.reestimate_backbone_batch_norm(trainer._trained_top(trainer.config.stages[1]))
+    stage2 = trainer.config.stages[1]
+    trainer.reestimate_backbone_batch_norm(stage2, trainer._trained_top(stage2))
     again = snapshot(trainer.model.backbone.weights)
     assert all(np.abs(final[path] - again[path]).max() < 1e-4 for path in final)
     with pytest.raises(ValueError, match="stage 2: weight_average_momentum must be in"):
