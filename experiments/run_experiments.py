@@ -175,28 +175,33 @@ NO_PRECISE_BN = "--nostage2_precise_bn"
 PRECISE_BN_10_EPOCH_BASELINES = (
     "against main_held_out_stage2_lr_0_02_rerun, main_held_out_stage2_loss_weights_2_1_0_1 and "
     "main_held_out_stage2_warmup with precise BN (262.0, 262.8, 261.6)")
-# Stage II on batches of 64 at twice the recipe's rate (Goyal et al.'s linear scaling): the
-# held-out probes at 10 and 20 epochs.
-STAGE2_BATCH_64 = ("--batch_size=64", "--stage2_lr_values=0.04,0.004")
+# Stage II on batches of 64 at twice the rate of 32 (Goyal et al.'s linear scaling): the held-out
+# probes at 10 and 20 epochs that chose it for flickr8k.flags.
+STAGE2_BATCH_64 = ("--stage2_batch_size=64", "--stage2_lr_values=0.04,0.004")
+# Stage II on batches of 32 at lr 0.02 (then 0.002), as every row that ran before the held-out
+# split chose 64 (flickr8k.flags) did: before a row's own flags, which may set another rate.
+STAGE2_BATCH_32 = ("--stage2_batch_size=32", "--stage2_lr_values=0.02,0.002")
 
 
 def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...],
                          precise_bn: bool = False) -> Row:
     """Stage II of main_held_out again from its stage I for 10 epochs with one change (`change`
-    ends the description, `row_flags` make it): the probes that chose flickr8k.flags' stage II.
-    Without `precise_bn` the row says --nostage2_precise_bn, as the probes before it ran."""
+    ends the description, `row_flags` make it): the probes that chose flickr8k.flags' stage II,
+    on batches of 32 unless `row_flags` say otherwise. Without `precise_bn` the row says
+    --nostage2_precise_bn, as the probes before it ran."""
     return Row("flickr8k", f"main_held_out_stage2_{suffix}",
                f"Stage II of main_held_out again from its stage I (10 epochs), {change}",
                (_config("flickr8k"),),
-               ("--stage=2", *row_flags, *STAGE2_10_EPOCHS, *(() if precise_bn else (NO_PRECISE_BN,))),
+               ("--stage=2", *STAGE2_BATCH_32, *row_flags, *STAGE2_10_EPOCHS, *(() if precise_bn else (NO_PRECISE_BN,))),
                True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
 
 
 def _held_out_recipe_stage2_row(suffix: str, description: str, row_flags: tuple[str, ...]) -> Row:
     """Stage II of main_held_out again from its stage I on flickr8k.flags' own stage II (20
-    epochs, precise BN) changed only by `row_flags`: the probes of its length and schedule."""
+    epochs, precise BN) as it stood on batches of 32, changed only by `row_flags`: the probes of
+    its length, schedule and batch size."""
     return Row("flickr8k", f"main_held_out_stage2_{suffix}", description, (_config("flickr8k"),),
-               ("--stage=2", *row_flags), True, stage1_from_row="main_held_out", held_out=True,
+               ("--stage=2", *STAGE2_BATCH_32, *row_flags), True, stage1_from_row="main_held_out", held_out=True,
                word_vectors=GLOVE)
 
 
@@ -223,6 +228,11 @@ ROWS: dict[str, dict[str, Row]] = {
                     "MobileNetV2 and GloVe: Stage I on the frozen backbone's cached features with "
                     "the instance and ranking losses, then Stage II with the backbone's top blocks "
                     "fine-tuned", (_config("flickr8k"),), (), True, word_vectors=GLOVE),
+        "main_stage2_batch_32": Row(
+            "flickr8k", "main_stage2_batch_32",
+            "The main recipe with stage II on batches of 32 at lr 0.02 (then 0.002), before the "
+            "held-out split chose 64 at 0.04: the main run of 2026-12-06 (its run B)",
+            (_config("flickr8k"),), STAGE2_BATCH_32, True, word_vectors=GLOVE),
         "main_mobilenet_0_25": Row(
             "flickr8k", "main_mobilenet_0_25",
             "The recipe before: MobileNet 0.25 and word2vec trained on the captions, Stage II "
@@ -231,31 +241,34 @@ ROWS: dict[str, dict[str, Row]] = {
         "main_stage2_lr_0_01": Row(
             "flickr8k", "main_stage2_lr_0_01",
             "The main recipe with stage II at base rate 0.01 (then 0.001), the rate before the "
-            "held-out split chose 0.02", (_config("flickr8k"),), (STAGE2_LR_0_01, NO_PRECISE_BN), True,
+            "held-out split chose 0.02", (_config("flickr8k"),),
+            (*STAGE2_BATCH_32, STAGE2_LR_0_01, NO_PRECISE_BN), True,
             word_vectors=GLOVE),
         "main_stage2_7_blocks": Row(
             "flickr8k", "main_stage2_7_blocks",
             "The main recipe fine-tuning the backbone's last 7 blocks in stage II, the count before "
             "the held-out split chose 10", (_config("flickr8k"),),
-            (STAGE2_7_BLOCKS, STAGE2_LR_0_01, NO_PRECISE_BN), True, word_vectors=GLOVE),
+            (*STAGE2_BATCH_32, STAGE2_7_BLOCKS, STAGE2_LR_0_01, NO_PRECISE_BN), True,
+            word_vectors=GLOVE),
         "main_stage2_10_epochs": Row(
             "flickr8k", "main_stage2_10_epochs",
             "Stage II of main_stage2_7_blocks again from its stage I for 10 epochs (lr down 10x "
             "after 8), the length before the held-out split chose 20", (_config("flickr8k"),),
-            ("--stage=2", STAGE2_7_BLOCKS, STAGE2_LR_0_01, *STAGE2_10_EPOCHS, NO_PRECISE_BN), True,
-            stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
+            ("--stage=2", *STAGE2_BATCH_32, STAGE2_7_BLOCKS, STAGE2_LR_0_01, *STAGE2_10_EPOCHS,
+             NO_PRECISE_BN), True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
         "main_no_finetune": Row(
             "flickr8k", "main_no_finetune",
             "Stage II of main_stage2_7_blocks again from its stage I with the backbone frozen (no "
             "fine-tuning), 10 epochs as main_stage2_10_epochs", (_config("flickr8k"),),
-            ("--stage=2", "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01, *STAGE2_10_EPOCHS,
-             NO_PRECISE_BN), True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
+            ("--stage=2", *STAGE2_BATCH_32, "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01,
+             *STAGE2_10_EPOCHS, NO_PRECISE_BN), True, stage1_from_row="main_stage2_7_blocks",
+            word_vectors=GLOVE),
         "main_no_finetune_20_epochs": Row(
             "flickr8k", "main_no_finetune_20_epochs",
             "Stage II of main_stage2_7_blocks again from its stage I with the backbone frozen, for "
             "the main recipe's 20 epochs", (_config("flickr8k"),),
-            ("--stage=2", "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01, NO_PRECISE_BN),
-            True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
+            ("--stage=2", *STAGE2_BATCH_32, "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01,
+             NO_PRECISE_BN), True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
         "main_stage1_only": Row(
             "flickr8k", "main_stage1_only", "Stage I of the main recipe alone (GloVe)",
             (_config("flickr8k"),), ("--stage=1",), True, word_vectors=GLOVE),
@@ -270,10 +283,10 @@ ROWS: dict[str, dict[str, Row]] = {
             word_vectors=GLOVE),
         "main_stage2_hardest": Row(
             "flickr8k", "main_stage2_hardest",
-            "Stage II of the main run again from its stage I, with the paper's ranking loss on "
-            "the hardest negative", (_config("flickr8k"),),
-            ("--stage=2", "--stage2_hardest_negative"), True, stage1_from_row="main",
-            word_vectors=GLOVE),
+            "Stage II of the main run before batches of 64 (main_stage2_batch_32) again from its "
+            "stage I, with the paper's ranking loss on the hardest negative", (_config("flickr8k"),),
+            ("--stage=2", *STAGE2_BATCH_32, "--stage2_hardest_negative"), True,
+            stage1_from_row="main_stage2_batch_32", word_vectors=GLOVE),
         # Stage II's ranking loss, length, rates and block count chosen on the split held
         # out of train (never on dev): the main recipe trained on the train list less its last
         # 500 images, validated on those 500.
@@ -282,8 +295,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "The main recipe with a stage II of 10 epochs on the backbone's last 7 blocks, on the "
             "train list less its last 500 images, validated on those 500",
             (_config("flickr8k"),),
-            (STAGE2_7_BLOCKS, STAGE2_LR_0_01, *STAGE2_10_EPOCHS, NO_PRECISE_BN), True,
-            held_out=True, word_vectors=GLOVE),
+            (*STAGE2_BATCH_32, STAGE2_7_BLOCKS, STAGE2_LR_0_01, *STAGE2_10_EPOCHS, NO_PRECISE_BN),
+            True, held_out=True, word_vectors=GLOVE),
         "main_held_out_stage2_hardest": _held_out_stage2_row(
             "hardest", "with the paper's ranking loss on the hardest negative",
             ("--stage2_hardest_negative", STAGE2_7_BLOCKS, STAGE2_LR_0_01)),
@@ -291,7 +304,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "flickr8k", "main_held_out_stage2_20_epochs",
             "Stage II of main_held_out again from its stage I for 20 epochs (lr down 10x after 16), "
             "validated every 5", (_config("flickr8k"),),
-            ("--stage=2", STAGE2_7_BLOCKS, STAGE2_LR_0_01, "--stage2_epochs=20",
+            ("--stage=2", *STAGE2_BATCH_32, STAGE2_7_BLOCKS, STAGE2_LR_0_01, "--stage2_epochs=20",
              "--stage2_lr_boundaries=16", "--validate_every_epochs=5", NO_PRECISE_BN), True,
             stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_stage2_backbone_lr_1": _held_out_stage2_row(
@@ -321,8 +334,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "from epoch 1 and 0.002 from epoch 8): against main_held_out_stage2_lr_0_02_rerun and "
             "main_held_out_stage2_loss_weights_2_1_0_1 with precise BN (262.0, 262.8)",
             (_config("flickr8k"),),
-            ("--stage=2", "--stage2_epochs=10", "--stage2_lr_boundaries=1,8",
-             "--stage2_lr_values=0.002,0.02,0.002"),
+            ("--stage=2", "--stage2_batch_size=32", "--stage2_epochs=10",
+             "--stage2_lr_boundaries=1,8", "--stage2_lr_values=0.002,0.02,0.002"),
             True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_stage2_head_lr_0_01": _held_out_stage2_row(
             "head_lr_0_01", "as the recipe runs it (precise BN), at half the base rate (0.01, then "
@@ -410,7 +423,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "it, and a stage II of 10 epochs, on the train list less its last 500 images, "
             "validated on those 500: both stages, against main_held_out's stage I rerun (223.9) "
             "and main_held_out_stage2_lr_0_02_rerun (253.2)",
-            (_config("flickr8k"),), ("--embedding_lr_multiplier=1", *STAGE2_10_EPOCHS, NO_PRECISE_BN),
+            (_config("flickr8k"),),
+            ("--embedding_lr_multiplier=1", *STAGE2_BATCH_32, *STAGE2_10_EPOCHS, NO_PRECISE_BN),
             True, held_out=True, word_vectors=GLOVE),
         "main_held_out_bn_training_views": Row(
             "flickr8k", "main_held_out_bn_training_views",
@@ -418,8 +432,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "views before stage I, not ImageNet's, and a stage II of 10 epochs, on the train list "
             "less its last 500 images, validated on those 500: both stages, against main_held_out's "
             "stage I rerun (223.9) and main_held_out_stage2_lr_0_02_rerun (253.2)",
-            (_config("flickr8k"),), ("--backbone_bn_statistics=training_views", *STAGE2_10_EPOCHS,
-                                    NO_PRECISE_BN),
+            (_config("flickr8k"),), ("--backbone_bn_statistics=training_views", *STAGE2_BATCH_32,
+                                    *STAGE2_10_EPOCHS, NO_PRECISE_BN),
             True, held_out=True, word_vectors=GLOVE),
         "main_held_out_bn_stage2_top": Row(
             "flickr8k", "main_held_out_bn_stage2_top",
@@ -428,7 +442,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "stage II of 10 epochs, on the train list less its last 500 images, validated on those "
             "500: both stages, against main_held_out_bn_training_views (all of the backbone's)",
             (_config("flickr8k"),),
-            ("--backbone_bn_statistics=training_views_stage2_top", *STAGE2_10_EPOCHS, NO_PRECISE_BN),
+            ("--backbone_bn_statistics=training_views_stage2_top", *STAGE2_BATCH_32, *STAGE2_10_EPOCHS,
+             NO_PRECISE_BN),
             True, held_out=True, word_vectors=GLOVE),
         **_ablation_rows("flickr8k"),
     },

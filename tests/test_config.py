@@ -60,6 +60,11 @@ def test_flickr8k_flagfile_resolves_to_its_recipe():
     assert stage1.loss_weights == config.LossWeights(1, 1, 1) and not stage1.train_backbone
     assert (stage2.train_backbone, stage2.backbone_lr_multiplier, stage2.backbone_trainable_blocks) == (
         True, 0.1, 10)
+    # Stage II on batches of 64 at twice the rate; stage I keeps the run's 32.
+    assert (stage1.batch_size, stage2.batch_size, stage2.lr_values) == (None, 64, (0.04, 0.004))
+    run = config.TrainConfig(model_dir="run", shard_dir="shards", model=model, stages=(stage1, stage2),
+                             batch_size=flag_values.batch_size)
+    assert [run.stage_batch_size(stage) for stage in run.stages] == [32, 64]
 
 
 def test_none_unsets_an_optional_number_and_bad_values_name_their_flag():
@@ -67,6 +72,8 @@ def test_none_unsets_an_optional_number_and_bad_values_name_their_flag():
     assert parsed("--stage2_backbone_trainable_blocks=none").stage2_backbone_trainable_blocks is None
     with pytest.raises(flags.IllegalFlagValueError, match="stage2_backbone_trainable_blocks"):
         parsed("--stage2_backbone_trainable_blocks=-1")
+    with pytest.raises(flags.IllegalFlagValueError, match="stage2_batch_size"):
+        parsed("--stage2_batch_size=0")
     with pytest.raises(config_flags.ConfigFlagError, match="--head_dims=8,x"):
         config_flags.model_config(parsed("--head_dims=8,x"), MANIFEST)
     with pytest.raises(config_flags.ConfigFlagError, match="--stage1_loss_weights: loss weights"):

@@ -37,7 +37,8 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_first_conv_lr_multiplier", "stage2_epochs", "stage2_lr_boundaries",
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
                  "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn",
-                 "stage2_weight_average_momentum", "validate_every_epochs", "batch_size"]
+                 "stage2_weight_average_momentum", "validate_every_epochs", "batch_size",
+                 "stage2_batch_size"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -99,7 +100,7 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_mobilenet_0_25", "main_stage2_lr_0_01", "main_stage2_7_blocks",
+        "main", "main_stage2_batch_32", "main_mobilenet_0_25", "main_stage2_lr_0_01", "main_stage2_7_blocks",
         "main_stage2_10_epochs",
         "main_no_finetune",
         "main_no_finetune_20_epochs", "main_stage1_only",
@@ -143,7 +144,7 @@ def test_registry_rows_and_their_flagfiles():
     assert word_vectors == {"main_stage1_only": "glove", "main_stage1_word2vec_captions": "captions",
                             "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove",
                             "main_stage2_10_epochs": "glove", "main_stage2_7_blocks": "glove",
-                            "main_stage2_lr_0_01": "glove"}
+                            "main_stage2_lr_0_01": "glove", "main_stage2_batch_32": "glove"}
     # Stage II's ranking loss is chosen on the split held out of train, with the main recipe.
     held_out = run_experiments.ROWS["flickr8k"]["main_held_out_stage2_hardest"]
     assert held_out.held_out and held_out.stage1_from_row == "main_held_out"
@@ -186,18 +187,24 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["weights"] == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
             assert values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
-            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            # Stage II on batches of 64 at twice the rate; stage I on the run's 32.
+            assert (values["batch_size"], values["stage2_batch_size"]) == (32, 64)
+            assert values["stage2_lr_values"] == ["0.04", "0.004"]
             assert values["embedding_lr_multiplier"] == 0.001
             assert values["backbone_bn_statistics"] == "pretrained"
             assert values["stage2_precise_bn"] is True
             assert values["stage2_weight_average_momentum"] is None
             continue
         # Every row that trains stage II ran before the held-out split chose precise BN and says
-        # so, except main_stage2_hardest, stage II of the main run again, and the held-out
-        # probes of stage II that ran after it.
+        # so, except main_stage2_batch_32 and main_stage2_hardest, stage II of that run again,
+        # and the held-out probes of stage II that ran after it. Every row of the MobileNetV2
+        # recipe that trains stage II ran before the split chose batches of 64 and says so,
+        # except the two probes that chose them.
+        if values["stage"] in ("both", "2") and row != "main_mobilenet_0_25":
+            assert values["stage2_batch_size"] == (64 if row.endswith("_batch_64") else 32), name
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
-                row in ("main_stage2_hardest", "main_held_out_stage2_warmup",
+                row in ("main_stage2_batch_32", "main_stage2_hardest", "main_held_out_stage2_warmup",
                         "main_held_out_stage2_head_lr_0_01",
                         "main_held_out_stage2_weight_average",
                         "main_held_out_stage2_recipe",
@@ -209,7 +216,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_batch_64",
                         "main_held_out_stage2_recipe_batch_64")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
-                          and row not in ("main_stage2_hardest", "main_held_out_stage2_lr_0_02",
+                          and row not in ("main_stage2_batch_32", "main_stage2_hardest",
+                                          "main_held_out_stage2_lr_0_02",
                                           "main_held_out_stage2_lr_0_04",
                                           "main_held_out_stage2_lr_0_02_rerun",
                                           "main_held_out_stage2_bn_frozen",
@@ -232,6 +240,13 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         if ran_at_lr_0_01:
             # The rows that ran before the held-out split chose 0.02 say so.
             assert values["stage2_lr_values"] == ["0.01", "0.001"], name
+        if row == "main_stage2_batch_32":
+            # The main recipe as it stood before batches of 64.
+            assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 10
+            assert values["stage2_lr_values"] == ["0.02", "0.002"]
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
+            assert values["stage2_precise_bn"] is True
+            continue
         if row == "main_stage2_lr_0_01":
             assert values["stage"] == "both" and values["stage2_backbone_trainable_blocks"] == 10
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
@@ -338,11 +353,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                        "stage2_backbone_lr_multiplier": 0.1},
                    "main_held_out_stage2_dropout_0_5": {"dropout": 0.5},
                    "main_held_out_stage2_batch_64": {
-                       "batch_size": 64, "stage2_lr_values": ["0.04", "0.004"]}}.get(row)
+                       "stage2_batch_size": 64, "stage2_lr_values": ["0.04", "0.004"]}}.get(row)
         if changed:
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             expected = {"stage2_backbone_trainable_blocks": 10, "dropout": 0.0, "batch_size": 32,
-                        "stage2_lr_values": ["0.02", "0.002"], **changed}
+                        "stage2_batch_size": 32, "stage2_lr_values": ["0.02", "0.002"], **changed}
             for key, value in expected.items():
                 assert values[key] == value, (name, key)
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (10, ["8"])
@@ -366,7 +381,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             batch_64 = row.endswith("_batch_64")
             assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out")
             assert values["stage2_backbone_trainable_blocks"] == 10
-            assert values["batch_size"] == (64 if batch_64 else 32), name
+            assert values["stage2_batch_size"] == (64 if batch_64 else 32), name
             assert values["stage2_lr_values"] == (["0.04", "0.004"] if batch_64 else ["0.02", "0.002"])
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == schedule
             assert values["stage2_precise_bn"] is True
@@ -396,7 +411,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             continue
         if row == "main_stage2_hardest":
             assert values["stage"] == "2" and values["stage2_hardest_negative"] is True
-            assert values["stage1_from"] == "workspace/experiments/flickr8k/main"
+            assert values["stage1_from"] == "workspace/experiments/flickr8k/main_stage2_batch_32"
             assert values["hardest_negative"] is False  # stage I's, from flickr8k.flags
             continue
         weights, share, shift, blocks = EXPECTED[row]
