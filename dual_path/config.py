@@ -235,6 +235,10 @@ class StageConfig:
         "image, computed once, one drawn per image and epoch (dual_path.feature_cache); 0 runs "
         "the backbone on a fresh crop every step.", {1: 0}, default=0)
 
+    def global_batch_size(self, run_batch_size: int) -> int:
+        """The stage's global batch size: its own batch_size, else the run's (TrainConfig's)."""
+        return run_batch_size if self.batch_size is None else self.batch_size
+
 
 def stage_defaults(number: int) -> StageConfig:
     """Stage `number` with every field at its per-stage default (the flags' defaults)."""
@@ -316,8 +320,8 @@ class TrainConfig:
         "(instance_classifier.imprint).", choices=instance_classifier.CLASSIFIER_INITS)
 
     def stage_batch_size(self, stage: StageConfig) -> int:
-        """The stage's global batch size: its own batch_size, else the run's."""
-        return self.batch_size if stage.batch_size is None else stage.batch_size
+        """The stage's global batch size (StageConfig.global_batch_size of this run's)."""
+        return stage.global_batch_size(self.batch_size)
 
     def __post_init__(self):
         for batch_size in (self.batch_size, *(stage.batch_size for stage in self.stages)):

@@ -97,6 +97,8 @@ def test_train_step_times_the_trainers_steps_and_the_pipeline_fed_by_the_shards(
     assert "(16-d features)" in stdout and "stage I loss weights 0:1:1" in stdout
     assert "(f) trainer's loop (50 steps a call)" in stdout
     assert settings["batch_size"] == 4 and settings["weights"] is None
+    # flickr8k.flags' --stage2_batch_size=64 is set aside: every step is timed on batches of 4.
+    assert [stage["batch_size"] for stage in settings["timed_stages"]] == [None, None, None]
     assert settings["text_widths"] == [16, 32] and settings["head_dims"] == [16, 16]
     assert f"report written to {output}" in stdout
     assert f"{os.cpu_count()} logical cores, TensorFlow" in stdout
@@ -240,8 +242,10 @@ def test_committed_results_name_no_path_of_this_checkout():
 @pytest.mark.subprocess
 def test_backbone_finetune_times_the_top_blocks_against_the_whole_backbone(tmp_path):
     output = tmp_path / "backbone_finetune.json"
+    # Stage II's batch size (flickr8k.flags gives it one of its own, which --batch_size leaves).
     stdout = run_benchmark("backbone_finetune", *TINY_MODEL_FLAGS, "--trainable_blocks=1,0",
-                           "--batch_size=2", "--warmup_steps=1", "--steps=1", f"--output_json={output}")
+                           "--stage2_batch_size=2", "--warmup_steps=1", "--steps=1",
+                           f"--output_json={output}")
     written = check_report(
         output, "backbone_finetune",
         {"whole_backbone_images_per_s", "top_1_blocks_images_per_s", "top_0_blocks_images_per_s",
@@ -264,4 +268,5 @@ def test_backbone_finetune_times_the_configs_top_blocks_by_default(monkeypatch):
     assert args.trainable_blocks == (1, 0)
     monkeypatch.setattr(sys, "argv", ["backbone_finetune"])
     args, _ = backbone_finetune._parse_args()
-    assert args.trainable_blocks == (10, 0)  # experiments/configs/flickr8k.flags
+    # experiments/configs/flickr8k.flags: its stage II's blocks and batch size (not --batch_size).
+    assert (args.trainable_blocks, args.batch_size) == ((10, 0), 64)

@@ -17,7 +17,8 @@ cost is the backbone's, whatever the loss):
 Every figure is images per second.
 
 The backbone is the training config's, --config and any training flag as train_step takes them
-(default: experiments/configs/flickr8k.flags' MobileNetV2), and so is the batch size.
+(default: experiments/configs/flickr8k.flags' MobileNetV2), and so is the batch size: stage II's
+(--stage2_batch_size, else --batch_size).
 
     python -m experiments.benchmarks.backbone_finetune --trainable_blocks=10,7,0 \\
         --output_json=experiments/results/benchmarks/backbone_finetune.json
@@ -64,7 +65,7 @@ def _parse_args() -> tuple[argparse.Namespace, dict]:
         args.trainable_blocks = (configured, 0) if configured else (0,)
     model = config_flags.model_settings(flag_values)
     model["weights"] = train_step.runnable_weights(model["weights"])
-    args.batch_size = flag_values.batch_size
+    args.batch_size = config_flags.stage_config(flag_values, 2).global_batch_size(flag_values.batch_size)
     return args, model
 
 

@@ -7,8 +7,8 @@ to build them). Each dual-path variant gets its own step counter, lr schedule an
 (the MatConvNet SGD update) from `Trainer.prepare_stage`, as `Trainer.run_stage` does, and runs
 --warmup_steps untimed steps before --steps timed ones. "In memory" means one random batch (images uniform in
 0..255, random captions and labels) fed to the step again and again through a tf.data iterator,
-as the trainer feeds its pipeline's. In one run, at the same batch size and image size, on this
-machine's CPU or GPU:
+as the trainer feeds its pipeline's. In one run, at the same batch size (--batch_size; a stage's
+own, --stage2_batch_size, is set aside) and image size, on this machine's CPU or GPU:
 
 (a) stage II in memory: the whole model trainable (the backbone at the config's stage II lr
     multiplier, all of it even where the config fine-tunes only its top: see
@@ -269,12 +269,16 @@ def benchmark_stages(tree: TrainConfig) -> tuple[StageConfig, StageConfig, Stage
     """(stage II with the whole backbone trainable, stage I on images, stage I on cached
     features) of the tree's stages, one epoch each; the trainer's lr is each stage's first.
     Stage II trains the whole backbone whatever the config's partial fine-tuning
-    (backbone_finetune.py times that), so that (a)/(b) compares like with like."""
+    (backbone_finetune.py times that), so that (a)/(b) compares like with like. Every stage
+    runs at the tree's --batch_size, a stage's own (--stage2_batch_size) set aside, so that
+    every ratio compares one batch size."""
     stage1, stage2 = tree.stages
     stage2 = dataclasses.replace(stage2, epochs=1, lr_boundaries=(), lr_values=stage2.lr_values[:1],
-                                 backbone_trainable_blocks=None, backbone_trainable_from=None)
+                                 backbone_trainable_blocks=None, backbone_trainable_from=None,
+                                 batch_size=None)
     stage1_images = dataclasses.replace(stage1, epochs=1, lr_boundaries=(),
-                                        lr_values=stage1.lr_values[:1], feature_views=0)
+                                        lr_values=stage1.lr_values[:1], feature_views=0,
+                                        batch_size=None)
     stage1_features = dataclasses.replace(stage1_images, feature_views=stage1.feature_views or 1)
     return stage2, stage1_images, stage1_features
 
