@@ -17,7 +17,7 @@ import pytest
 
 from data_prep import shared_data
 from experiments import config_flags
-from experiments.benchmarks import backbone_finetune, report, train_step
+from experiments.benchmarks import backbone_finetune, onednn, report, train_step
 
 from conftest import tiny_model_flags
 
@@ -257,6 +257,23 @@ def test_backbone_finetune_times_the_top_blocks_against_the_whole_backbone(tmp_p
     # small_cnn's last block is conv2, bn2, relu2, then the pool: 4 layers; 0 blocks: none.
     assert written["settings"]["trained_layers"] == {"1": 4, "0": 0}
     assert "last 1 blocks (  4 layers)" in stdout and "small_cnn at 32 px, batch 2" in stdout
+
+
+@pytest.mark.subprocess
+def test_onednn_runs_a_benchmark_with_onednn_off_then_on_and_reports_both(tmp_path):
+    output = tmp_path / "onednn.json"
+    stdout = run_benchmark("onednn", "--benchmark=backbone_finetune", f"--output_json={output}", "--",
+                           *TINY_MODEL_FLAGS, "--trainable_blocks=1", "--stage2_batch_size=2",
+                           "--warmup_steps=1", "--steps=1")
+    timed = ("whole_backbone_images_per_s", "top_1_blocks_images_per_s", "forward_inference_images_per_s")
+    written = check_report(
+        output, "onednn", {f"{name}_onednn_{setting}" for name in timed for setting in ("off", "on")},
+        {f"{name}_on_over_off": (f"{name}_onednn_on", f"{name}_onednn_off") for name in timed})
+    assert written["settings"]["benchmark"] == "backbone_finetune"
+    assert written["settings"]["settings_onednn_off"]["batch_size"] == 2
+    assert "top_1_blocks_images_per_s" in stdout and "on/off" in stdout
+    with pytest.raises(SystemExit):
+        onednn._parse_args(["--benchmark=train_step", "--", "--output_json=x.json"])
 
 
 def test_backbone_finetune_times_the_configs_top_blocks_by_default(monkeypatch):
