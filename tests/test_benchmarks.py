@@ -271,6 +271,7 @@ def test_onednn_runs_a_benchmark_with_onednn_off_then_on_and_reports_both(tmp_pa
         {f"{name}_on_over_off": (f"{name}_onednn_on", f"{name}_onednn_off") for name in timed})
     assert written["settings"]["benchmark"] == "backbone_finetune"
     assert written["settings"]["settings_onednn_off"]["batch_size"] == 2
+    assert "output_json" not in written["settings"]["settings_onednn_off"]  # a removed folder
     assert "top_1_blocks_images_per_s" in stdout and "on/off" in stdout
     with pytest.raises(SystemExit):
         onednn._parse_args(["--benchmark=train_step", "--", "--output_json=x.json"])
