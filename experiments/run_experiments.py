@@ -192,7 +192,8 @@ def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...],
     return Row("flickr8k", f"main_held_out_stage2_{suffix}",
                f"Stage II of main_held_out again from its stage I (10 epochs), {change}",
                (_config("flickr8k"),),
-               ("--stage=2", *STAGE2_BATCH_32, *row_flags, *STAGE2_10_EPOCHS, *(() if precise_bn else (NO_PRECISE_BN,))),
+               ("--stage=2", *STAGE2_BATCH_32, *row_flags, *STAGE2_10_EPOCHS,
+                *(() if precise_bn else (NO_PRECISE_BN,))),
                True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE)
 
 
@@ -201,8 +202,8 @@ def _held_out_recipe_stage2_row(suffix: str, description: str, row_flags: tuple[
     epochs, precise BN) as it stood on batches of 32, changed only by `row_flags`: the probes of
     its length, schedule and batch size."""
     return Row("flickr8k", f"main_held_out_stage2_{suffix}", description, (_config("flickr8k"),),
-               ("--stage=2", *STAGE2_BATCH_32, *row_flags), True, stage1_from_row="main_held_out", held_out=True,
-               word_vectors=GLOVE)
+               ("--stage=2", *STAGE2_BATCH_32, *row_flags), True, stage1_from_row="main_held_out",
+               held_out=True, word_vectors=GLOVE)
 
 
 def _held_out_blocks_row(blocks: int, instead_of: int) -> Row:
@@ -334,8 +335,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "from epoch 1 and 0.002 from epoch 8): against main_held_out_stage2_lr_0_02_rerun and "
             "main_held_out_stage2_loss_weights_2_1_0_1 with precise BN (262.0, 262.8)",
             (_config("flickr8k"),),
-            ("--stage=2", "--stage2_batch_size=32", "--stage2_epochs=10",
-             "--stage2_lr_boundaries=1,8", "--stage2_lr_values=0.002,0.02,0.002"),
+            ("--stage=2", *STAGE2_BATCH_32, "--stage2_epochs=10", "--stage2_lr_boundaries=1,8",
+             "--stage2_lr_values=0.002,0.02,0.002"),
             True, stage1_from_row="main_held_out", held_out=True, word_vectors=GLOVE),
         "main_held_out_stage2_head_lr_0_01": _held_out_stage2_row(
             "head_lr_0_01", "as the recipe runs it (precise BN), at half the base rate (0.01, then "

@@ -34,8 +34,8 @@ SETTINGS = ("0", "1")
 
 def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(this script's arguments, the other benchmark's: everything after `--`)."""
-    passed = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, passed = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmark", required=True, choices=BENCHMARKS,
                         help="the benchmark of experiments/benchmarks to run twice")
