@@ -105,7 +105,8 @@ def _remove_abandoned(directory: str) -> None:
 def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, views: int, image_size: int,
                     seed: int, flip: str = "swap_left_right", split: str = "train",
                     crop_area: tuple[float, float] = (0.8, 1.0),
-                    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)) -> FeatureCache:
+                    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
+                    progress_every_s: float = 60.0) -> FeatureCache:
     """The cached features of the split's augmented views, computed first if not cached yet.
 
     Args:
@@ -113,6 +114,8 @@ def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, vi
         inference mode, as stage I runs it.
       shard_dir: the split's shards; cache_dir: the cache folder (a local path).
       views, image_size, seed, flip, crop_area, crop_aspect: as `input_pipeline.augmented_view_dataset`.
+      progress_every_s: while computing, log the views done, their rate and the time left at
+        most this often (seconds): a cache takes minutes on a CPU.
     """
     key = cache_key(backbone, shard_dir, split=split, views=views, image_size=image_size, seed=seed,
                     flip=flip, crop_area=crop_area, crop_aspect=crop_aspect)
@@ -133,7 +136,7 @@ def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, vi
     features = None
     flipped = np.zeros([num_images, views], bool)
     seen = np.zeros([num_images, views], bool)
-    start = time.monotonic()
+    start = last_progress = time.monotonic()
     for batch in views_dataset:
         rows = embed(batch["image"]).numpy()
         if features is None:
@@ -146,6 +149,12 @@ def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, vi
         features[image_index, view] = rows
         flipped[image_index, view] = batch["flipped"].numpy()
         seen[image_index, view] = True
+        if time.monotonic() - last_progress >= progress_every_s:
+            last_progress = time.monotonic()
+            done, total = int(seen.sum()), num_images * views
+            rate = done / (last_progress - start)
+            logging.info("feature cache: %d of %d views (%.1f views/s, about %.1f min left)", done,
+                         total, rate, (total - done) / rate / 60)
     if features is None or not seen.all():
         raise ValueError(f"{shard_dir} ({split}): the image shards hold {int(seen.sum()) // views} of the "
                          f"{num_images} images the manifest counts")

@@ -252,3 +252,17 @@ def subprocess_pid_that_has_exited() -> int:
     process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                              capture_output=True, text=True, check=True)
     return int(process.stdout)
+
+
+def test_computing_a_cache_logs_its_progress(model, shard_dir, tmp_path, monkeypatch):
+    """Every batch of 64 views logs the views done so far when asked to log that often."""
+    messages = []
+    monkeypatch.setattr(feature_cache.logging, "info",
+                        lambda message, *args: messages.append(message % args))
+    feature_cache.load_or_compute(model.backbone, shard_dir, str(tmp_path), views=6,
+                                  image_size=IMAGE_SIZE, seed=5, progress_every_s=0)
+    progress = [message for message in messages if " views/s, about " in message]
+    total = NUM_TRAIN * 6
+    assert [int(message.split()[2]) for message in progress] == [64, 128, total]
+    assert all(f" of {total} views " in message for message in progress)
+    assert progress[-1].endswith("about 0.0 min left)")
