@@ -418,6 +418,15 @@ ROWS: dict[str, dict[str, Row]] = {
             (_config("flickr8k"),),
             ("--stage=1", "--text_widths=256,512,1024,2048", "--validate_every_epochs=10"), True,
             held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage1_batch_64": Row(
+            "flickr8k", "main_held_out_stage1_batch_64",
+            "Stage I of the main recipe alone on batches of 64 at twice the rate (0.1, then 0.01 "
+            "after epoch 50), on the train list less its last 500 images, validated on those 500 "
+            "every 10 epochs: against main_held_out_stage1_curve (batches of 32 at 0.05; 224.4), "
+            "as stage II gained on 64 and stage I would then take half the steps",
+            (_config("flickr8k"),),
+            ("--stage=1", "--batch_size=64", "--stage1_lr_values=0.1,0.01",
+             "--validate_every_epochs=10"), True, held_out=True, word_vectors=GLOVE),
         "main_held_out_embedding_lr_1": Row(
             "flickr8k", "main_held_out_embedding_lr_1",
             "The main recipe with the word embedding (GloVe) at the base rate, not a thousandth of "
