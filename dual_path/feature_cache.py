@@ -149,10 +149,11 @@ def load_or_compute(backbone: keras.Model, shard_dir: str, cache_dir: str, *, vi
         features[image_index, view] = rows
         flipped[image_index, view] = batch["flipped"].numpy()
         seen[image_index, view] = True
-        if time.monotonic() - last_progress >= progress_every_s:
-            last_progress = time.monotonic()
+        now = time.monotonic()
+        if now - last_progress >= progress_every_s:
+            last_progress = now
             done, total = int(seen.sum()), num_images * views
-            rate = done / (last_progress - start)
+            rate = done / (now - start)
             logging.info("feature cache: %d of %d views (%.1f views/s, about %.1f min left)", done,
                          total, rate, (total - done) / rate / 60)
     if features is None or not seen.all():

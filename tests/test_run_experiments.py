@@ -283,8 +283,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
-                        "_stage1_curve", "_stage1_wide_text", "_stage1_batch_64",
-                        "_embedding_lr_1", "_bn_training_views",
+                        "_stage1_curve", "_stage1_wide_text", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
