@@ -38,7 +38,7 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
                  "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn",
                  "stage2_weight_average_momentum", "validate_every_epochs", "batch_size",
-                 "stage2_batch_size", "stage1_lr_values", "stage1_lr_boundaries"]
+                 "stage2_batch_size", "stage1_lr_values", "stage1_lr_boundaries", "optimizer"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -117,7 +117,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_dropout_0_5", "main_held_out_stage2_batch_64",
         "main_held_out_stage2_recipe_batch_64",
         "main_held_out_stage1_curve", "main_held_out_stage1_wide_text",
-        "main_held_out_stage1_batch_64", "main_held_out_embedding_lr_1",
+        "main_held_out_stage1_batch_64", "main_held_out_stage1_lr_0_1",
+        "main_held_out_stage1_adam", "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -236,6 +237,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage1_curve",
                                           "main_held_out_stage1_wide_text",
                                           "main_held_out_stage1_batch_64",
+                                          "main_held_out_stage1_lr_0_1",
+                                          "main_held_out_stage1_adam",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -283,7 +286,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         on_10_blocks = ("_10_blocks", "_13_blocks", "_lr_0_02", "_lr_0_04", "_rerun", "_bn_frozen",
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
-                        "_stage1_curve", "_stage1_wide_text", "_embedding_lr_1", "_bn_training_views",
+                        "_stage1_curve", "_stage1_wide_text", "_stage1_lr_0_1", "_stage1_adam",
+                        "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -403,6 +407,16 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["batch_size"] == 64 and values["stage1_lr_values"] == ["0.1", "0.01"]
             assert values["stage1_lr_boundaries"] == ["50"]
             assert values["text_widths"] == ["128", "256", "512", "1024"]
+            continue
+        if row in ("main_held_out_stage1_lr_0_1", "main_held_out_stage1_adam"):
+            # Stage I alone as main_held_out_stage1_curve, at another rate or optimizer only.
+            assert values["stage"] == "1" and values["stage1_epochs"] == 60
+            assert values["validate_every_epochs"] == 10 and values["batch_size"] == 32
+            assert values["stage1_lr_boundaries"] == ["50"]
+            assert values["text_widths"] == ["128", "256", "512", "1024"]
+            adam = row.endswith("_adam")
+            assert values["optimizer"] == ("adam" if adam else "matconvnet_sgd"), name
+            assert values["stage1_lr_values"] == (["2e-4", "2e-5"] if adam else ["0.1", "0.01"]), name
             continue
         if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
             assert values["stage"] == "both"
