@@ -50,11 +50,13 @@ def setting(default: Any, help: str, *, choices: Sequence[str] | None = None,
 
 
 def stage_setting(help: str, per_stage: Mapping[int, Any], *, default: Any = dataclasses.MISSING,
-                  lower_bound: int | None = None, parse: Callable[[Any], Any] | None = None) -> Any:
+                  lower_bound: int | None = None, parse: Callable[[Any], Any] | None = None,
+                  choices: Sequence[str] | None = None) -> Any:
     """A StageConfig field with a flag `stage{N}_<field>` for each stage N in per_stage, whose
-    value there is that flag's default; stages not in per_stage take `default`."""
+    value there is that flag's default; stages not in per_stage take `default`. choices: the
+    allowed strings (an enum flag)."""
     metadata = {"help": help, "per_stage": dict(per_stage), "lower_bound": lower_bound,
-                "parse": parse, "choices": None}
+                "parse": parse, "choices": choices}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -227,6 +229,10 @@ class StageConfig:
         "validation uses the averages, and at the stage's end, before precise BN and the final "
         "checkpoint, they replace the weights (optimization.averaged_weights); default: none.",
         {2: None}, default=None)
+    optimizer: str = stage_setting(
+        "matconvnet_sgd (the original's), or Keras adam / adamw; all keep the lr multipliers. "
+        "Every stage builds a fresh one.", {1: "matconvnet_sgd", 2: "matconvnet_sgd"},
+        default="matconvnet_sgd", choices=optimization.OPTIMIZERS)
     batch_size: int | None = stage_setting(
         "Global batch size of the stage (all replicas together), its epochs counted in its own "
         "steps; default: --batch_size.", {2: None}, default=None, lower_bound=1)
@@ -310,9 +316,6 @@ class TrainConfig:
     word_embedding_init: str = setting(
         "word2vec", "word2vec: the shard folder's word2vec_init.npy (random where it is absent); "
         "random: Keras' default init.", choices=WORD_EMBEDDING_INITS)
-    optimizer: str = setting(
-        "matconvnet_sgd", "matconvnet_sgd (the original's), or Keras adam / adamw; all keep the "
-        "lr multipliers. Every stage builds a fresh one.", choices=optimization.OPTIMIZERS)
     label_smoothing: float = setting(0.0, "Label smoothing of both instance losses.")
     classifier_init: str = setting(
         "random", "random (the layer's initializer), or imprint: at the start of a fresh stage I, "
@@ -351,6 +354,9 @@ class TrainConfig:
             if stage.weight_average_momentum is not None and not 0.0 < stage.weight_average_momentum < 1.0:
                 raise ValueError(f"stage {stage.stage}: weight_average_momentum must be in (0, 1), "
                                  f"got {stage.weight_average_momentum}")
+            if stage.optimizer not in optimization.OPTIMIZERS:
+                raise ValueError(f"stage {stage.stage}: optimizer must be one of "
+                                 f"{optimization.OPTIMIZERS}, got {stage.optimizer!r}")
             if stage.backbone_bn_frozen and stage.backbone_bn_lr_multiplier is not None:
                 raise ValueError(f"stage {stage.stage}: the backbone's BatchNorm layers are frozen "
                                  f"(backbone_bn_frozen), so they take no lr multiplier (got "
@@ -365,7 +371,7 @@ class TrainConfig:
             raise ValueError(f"stage1_from ({self.stage1_from}) starts stage II from another run's "
                              f"stage I: train stage 2 only, not stages {numbers}")
         for name in ("flip", "lr_boundary_unit", "results_checkpoint", "word_embedding_init",
-                     "optimizer", "classifier_init", "backbone_bn_statistics"):
+                     "classifier_init", "backbone_bn_statistics"):
             choices = next(field.metadata["choices"] for field in dataclasses.fields(self)
                            if field.name == name)
             if getattr(self, name) not in choices:

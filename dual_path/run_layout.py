@@ -64,10 +64,21 @@ def load_run_config(model_dir: str) -> TrainConfig:
         raise FileNotFoundError(f"{path} does not exist: {model_dir} is not a dual-path model_dir")
     try:
         with tf.io.gfile.GFile(path, "r") as config_file:
-            return from_dict(TrainConfig, json.loads(config_file.read()))
+            return from_dict(TrainConfig, _per_stage_optimizer(json.loads(config_file.read())))
     except (tf.errors.OpError, UnicodeDecodeError, json.JSONDecodeError, TypeError,
             ValueError) as error:
         raise ValueError(f"{path}: cannot read the run's config: {error}") from error
+
+
+def _per_stage_optimizer(values: dict) -> dict:
+    """A config.json's values with the run-wide `optimizer` of one written before each stage
+    chose its own (StageConfig.optimizer) moved into each of its stages."""
+    if "optimizer" not in values:
+        return values
+    values = dict(values)
+    optimizer = values.pop("optimizer")
+    values["stages"] = [{"optimizer": optimizer, **stage} for stage in values.get("stages", [])]
+    return values
 
 
 def load_model_config(model_dir: str) -> DualPathConfig:

@@ -222,7 +222,7 @@ class Trainer:
             optimizer = optimization.build_optimizer(
                 schedule.value_at(0), momentum=config.momentum, weight_decay=config.weight_decay,
                 lr_multipliers=self._lr_multipliers(stage),
-                loss_scaling=config.mixed_precision and not self._on_tpu, name=config.optimizer,
+                loss_scaling=config.mixed_precision and not self._on_tpu, name=stage.optimizer,
                 weight_average_momentum=stage.weight_average_momentum)
             optimizer.build(self.model.training_model.trainable_variables)
         return schedule, step, optimizer

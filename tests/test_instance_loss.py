@@ -56,7 +56,7 @@ def test_the_papers_recipe_still_gives_the_same_losses(shard_dir, tmp_path):
     keras.utils.set_random_seed(0)
     config = tiny_config(shard_dir, tmp_path / "run", [stage(1, weights="1:1:1")], margin=0.2,
                          hardest_negative=False)
-    assert (config.model.classifier, config.classifier_init, config.optimizer,
+    assert (config.model.classifier, config.classifier_init, config.stages[0].optimizer,
             config.label_smoothing, config.model.classifier_lr_multiplier) == (
         "dense", "random", "matconvnet_sgd", 0.0, 1.0)
     rows = first_steps(training.Trainer(config), config.stages[0], 5)
@@ -326,5 +326,15 @@ def test_imprint_runs_on_a_fresh_stage_i_only(shard_dir, tmp_path, monkeypatch):
 def test_unknown_classifier_init_and_optimizer_are_rejected(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="classifier_init must be one of"):
         tiny_config(shard_dir, tmp_path, [stage(1)], classifier_init="zeros")
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        tiny_config(shard_dir, tmp_path, [stage(1)], optimizer="lamb")
+    with pytest.raises(ValueError, match="stage 2: optimizer must be one of"):
+        tiny_config(shard_dir, tmp_path, [stage(1), stage(2, optimizer="lamb")])
+
+
+def test_each_stage_builds_its_own_optimizer(shard_dir, tmp_path):
+    """Stage I on Adam, stage II on the original's SGD: prepare_stage builds each stage's own."""
+    config = tiny_config(shard_dir, tmp_path / "run", [stage(1, optimizer="adam"), stage(2)])
+    trainer = training.Trainer(config)
+    _, _, adam = trainer.prepare_stage(config.stages[0])
+    _, _, sgd = trainer.prepare_stage(config.stages[1])
+    assert isinstance(adam, optimization.MultipliedAdam)
+    assert isinstance(sgd, optimization.MatConvNetSGD)

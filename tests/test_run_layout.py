@@ -50,6 +50,21 @@ def test_the_config_tree_round_trips_through_config_json(tmp_path):
     assert written["model"]["weights"] is None and written["model"]["head_dims"] == [16, 16]
 
 
+def test_a_config_json_with_one_optimizer_for_the_run_gives_it_to_each_stage(tmp_path):
+    """A run saved before each stage chose its optimizer wrote `optimizer` beside the stages."""
+    config = run_config(tmp_path / "run")
+    run_layout.save_run_config(config)
+    path = tmp_path / "run" / run_layout.RUN_CONFIG_NAME
+    values = json.loads(path.read_text())
+    for stage in values["stages"]:
+        del stage["optimizer"]
+    path.write_text(json.dumps({**values, "optimizer": "adam"}))
+    loaded = run_layout.load_run_config(str(tmp_path / "run"))
+    assert [stage.optimizer for stage in loaded.stages] == ["adam", "adam"]
+    assert loaded == dataclasses.replace(config, stages=tuple(
+        dataclasses.replace(stage, optimizer="adam") for stage in config.stages))
+
+
 def test_a_folder_without_config_json_is_not_a_model_dir(tmp_path):
     path = tmp_path / run_layout.RUN_CONFIG_NAME
     with pytest.raises(FileNotFoundError) as error:
