@@ -443,8 +443,17 @@ ROWS: dict[str, dict[str, Row]] = {
             "validated on those 500 every 10 epochs: against main_held_out_stage1_curve (224.4), "
             "still rising at epoch 50 under SGD",
             (_config("flickr8k"),),
-            ("--stage=1", "--optimizer=adam", "--stage1_lr_values=2e-4,2e-5",
+            ("--stage=1", "--stage1_optimizer=adam", "--stage1_lr_values=2e-4,2e-5",
              "--validate_every_epochs=10"), True, held_out=True, word_vectors=GLOVE),
+        "main_held_out_stage2_from_adam": Row(
+            "flickr8k", "main_held_out_stage2_from_adam",
+            "Stage II as the recipe runs it (20 epochs on batches of 64, lr 0.04 down 10x after "
+            "16, the original's SGD, precise BN) from main_held_out_stage1_adam's stage I, on the "
+            "train list less its last 500 images, validated on those 500 at its end: whether "
+            "Adam's lead in stage I carries through stage II, against "
+            "main_held_out_stage2_recipe_batch_64 (274.4 from a stage I of 223.9)",
+            (_config("flickr8k"),), ("--stage=2", "--validate_every_epochs=20"), True,
+            stage1_from_row="main_held_out_stage1_adam", held_out=True, word_vectors=GLOVE),
         "main_held_out_embedding_lr_1": Row(
             "flickr8k", "main_held_out_embedding_lr_1",
             "The main recipe with the word embedding (GloVe) at the base rate, not a thousandth of "

@@ -38,7 +38,8 @@ WATCHED_FLAGS = ["stage", "stage1_epochs", "stage1_loss_weights", "share_classif
                  "stage2_lr_values", "stage2_loss_weights", "stage2_backbone_bn_frozen",
                  "embedding_lr_multiplier", "backbone_bn_statistics", "stage2_precise_bn",
                  "stage2_weight_average_momentum", "validate_every_epochs", "batch_size",
-                 "stage2_batch_size", "stage1_lr_values", "stage1_lr_boundaries", "optimizer"]
+                 "stage2_batch_size", "stage1_lr_values", "stage1_lr_boundaries", "stage1_optimizer",
+                 "stage2_optimizer"]
 
 _PARSE_SCRIPT = """
 import json, sys
@@ -118,7 +119,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_recipe_batch_64",
         "main_held_out_stage1_curve", "main_held_out_stage1_wide_text",
         "main_held_out_stage1_batch_64", "main_held_out_stage1_lr_0_1",
-        "main_held_out_stage1_adam", "main_held_out_embedding_lr_1",
+        "main_held_out_stage1_adam", "main_held_out_stage2_from_adam", "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -201,9 +202,10 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         # so, except main_stage2_batch_32 and main_stage2_hardest, stage II of that run again,
         # and the held-out probes of stage II that ran after it. Every row of the MobileNetV2
         # recipe that trains stage II ran before the split chose batches of 64 and says so,
-        # except the two probes that chose them.
+        # except the two probes that chose them and the probe after them.
         if values["stage"] in ("both", "2") and row != "main_mobilenet_0_25":
-            assert values["stage2_batch_size"] == (64 if row.endswith("_batch_64") else 32), name
+            assert values["stage2_batch_size"] == (
+                64 if row.endswith(("_batch_64", "_from_adam")) else 32), name
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
                 row in ("main_stage2_batch_32", "main_stage2_hardest", "main_held_out_stage2_warmup",
@@ -216,7 +218,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_13_blocks_lr_0_02",
                         "main_held_out_stage2_dropout_0_5",
                         "main_held_out_stage2_batch_64",
-                        "main_held_out_stage2_recipe_batch_64")), name
+                        "main_held_out_stage2_recipe_batch_64",
+                        "main_held_out_stage2_from_adam")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_batch_32", "main_stage2_hardest",
                                           "main_held_out_stage2_lr_0_02",
@@ -239,6 +242,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage1_batch_64",
                                           "main_held_out_stage1_lr_0_1",
                                           "main_held_out_stage1_adam",
+                                          "main_held_out_stage2_from_adam",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -287,6 +291,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
                         "_stage1_curve", "_stage1_wide_text", "_stage1_lr_0_1", "_stage1_adam",
+                        "_from_adam",
                         "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
@@ -408,6 +413,14 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage1_lr_boundaries"] == ["50"]
             assert values["text_widths"] == ["128", "256", "512", "1024"]
             continue
+        if row == "main_held_out_stage2_from_adam":
+            # The recipe's own stage II, on the original's SGD, from the Adam stage I.
+            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out_stage1_adam")
+            assert values["stage2_backbone_trainable_blocks"] == 10 and values["stage2_batch_size"] == 64
+            assert values["stage2_lr_values"] == ["0.04", "0.004"]
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
+            assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
+            continue
         if row in ("main_held_out_stage1_lr_0_1", "main_held_out_stage1_adam"):
             # Stage I alone as main_held_out_stage1_curve, at another rate or optimizer only.
             assert values["stage"] == "1" and values["stage1_epochs"] == 60
@@ -415,7 +428,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage1_lr_boundaries"] == ["50"]
             assert values["text_widths"] == ["128", "256", "512", "1024"]
             adam = row.endswith("_adam")
-            assert values["optimizer"] == ("adam" if adam else "matconvnet_sgd"), name
+            assert values["stage1_optimizer"] == ("adam" if adam else "matconvnet_sgd"), name
             assert values["stage1_lr_values"] == (["2e-4", "2e-5"] if adam else ["0.1", "0.01"]), name
             continue
         if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
