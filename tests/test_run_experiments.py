@@ -119,7 +119,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage2_recipe_batch_64",
         "main_held_out_stage1_curve", "main_held_out_stage1_wide_text",
         "main_held_out_stage1_batch_64", "main_held_out_stage1_lr_0_1",
-        "main_held_out_stage1_adam", "main_held_out_stage2_from_adam", "main_held_out_embedding_lr_1",
+        "main_held_out_stage1_adam", "main_held_out_stage1_adam_lr_5e_4",
+        "main_held_out_stage2_from_adam", "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -242,6 +243,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage1_batch_64",
                                           "main_held_out_stage1_lr_0_1",
                                           "main_held_out_stage1_adam",
+                                          "main_held_out_stage1_adam_lr_5e_4",
                                           "main_held_out_stage2_from_adam",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
@@ -291,8 +293,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
                         "_stage1_curve", "_stage1_wide_text", "_stage1_lr_0_1", "_stage1_adam",
-                        "_from_adam",
-                        "_embedding_lr_1", "_bn_training_views",
+                        "_adam_lr_5e_4", "_from_adam", "_embedding_lr_1", "_bn_training_views",
                         "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -421,15 +422,18 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
             continue
-        if row in ("main_held_out_stage1_lr_0_1", "main_held_out_stage1_adam"):
+        if row in ("main_held_out_stage1_lr_0_1", "main_held_out_stage1_adam",
+                   "main_held_out_stage1_adam_lr_5e_4"):
             # Stage I alone as main_held_out_stage1_curve, at another rate or optimizer only.
             assert values["stage"] == "1" and values["stage1_epochs"] == 60
             assert values["validate_every_epochs"] == 10 and values["batch_size"] == 32
             assert values["stage1_lr_boundaries"] == ["50"]
             assert values["text_widths"] == ["128", "256", "512", "1024"]
-            adam = row.endswith("_adam")
-            assert values["stage1_optimizer"] == ("adam" if adam else "matconvnet_sgd"), name
-            assert values["stage1_lr_values"] == (["2e-4", "2e-5"] if adam else ["0.1", "0.01"]), name
+            assert values["stage1_optimizer"] == ("adam" if "_adam" in row else "matconvnet_sgd"), name
+            assert values["stage1_lr_values"] == {
+                "main_held_out_stage1_lr_0_1": ["0.1", "0.01"],
+                "main_held_out_stage1_adam": ["2e-4", "2e-5"],
+                "main_held_out_stage1_adam_lr_5e_4": ["5e-4", "5e-5"]}[row], name
             continue
         if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
             assert values["stage"] == "both"
