@@ -206,6 +206,14 @@ def _held_out_recipe_stage2_row(suffix: str, description: str, row_flags: tuple[
                held_out=True, word_vectors=GLOVE)
 
 
+def _held_out_stage1_row(suffix: str, description: str, row_flags: tuple[str, ...] = ()) -> Row:
+    """Stage I of flickr8k.flags alone on the held-out split, validated every 10 epochs, changed
+    only by `row_flags`: the probes of stage I's settings."""
+    return Row("flickr8k", f"main_held_out_stage1_{suffix}", description, (_config("flickr8k"),),
+               ("--stage=1", *row_flags, "--validate_every_epochs=10"), True, held_out=True,
+               word_vectors=GLOVE)
+
+
 def _held_out_blocks_row(blocks: int, instead_of: int) -> Row:
     """The probe fine-tuning the backbone's last `blocks` blocks in place of `instead_of`."""
     return _held_out_stage2_row(f"{blocks}_blocks",
@@ -401,58 +409,46 @@ ROWS: dict[str, dict[str, Row]] = {
             "epochs (265.4 against 262.0, 262.8 and 261.6) holds at the recipe's length, against "
             "main_held_out_stage2_recipe and its rerun (269.2, 269.7)",
             (*STAGE2_BATCH_64, "--validate_every_epochs=20")),
-        "main_held_out_stage1_curve": Row(
-            "flickr8k", "main_held_out_stage1_curve",
+        "main_held_out_stage1_curve": _held_out_stage1_row(
+            "curve",
             "Stage I of the main recipe alone (60 epochs, lr down 10x after 50) on the train list "
             "less its last 500 images, validated on those 500 every 10 epochs: what its last "
-            "epochs buy, the time stage II could take instead",
-            (_config("flickr8k"),), ("--stage=1", "--validate_every_epochs=10"), True,
-            held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage1_wide_text": Row(
-            "flickr8k", "main_held_out_stage1_wide_text",
+            "epochs buy, the time stage II could take instead"),
+        "main_held_out_stage1_wide_text": _held_out_stage1_row(
+            "wide_text",
             "Stage I of the main recipe alone with the text CNN at the paper's widths (256, 512, "
             "1024, 2048 per stage, one block each), not half of them, on the train list less its "
             "last 500 images, validated on those 500 every 10 epochs: against "
             "main_held_out_stage1_curve, as the text path is stage I's bottleneck (train instance "
             "accuracy, text 0.53 against image 1.00)",
-            (_config("flickr8k"),),
-            ("--stage=1", "--text_widths=256,512,1024,2048", "--validate_every_epochs=10"), True,
-            held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage1_batch_64": Row(
-            "flickr8k", "main_held_out_stage1_batch_64",
+            ("--text_widths=256,512,1024,2048",)),
+        "main_held_out_stage1_batch_64": _held_out_stage1_row(
+            "batch_64",
             "Stage I of the main recipe alone on batches of 64 at twice the rate (0.1, then 0.01 "
             "after epoch 50), on the train list less its last 500 images, validated on those 500 "
             "every 10 epochs: against main_held_out_stage1_curve (batches of 32 at 0.05; 224.4), "
             "as stage II gained on 64 and stage I would then take half the steps",
-            (_config("flickr8k"),),
-            ("--stage=1", "--batch_size=64", "--stage1_lr_values=0.1,0.01",
-             "--validate_every_epochs=10"), True, held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage1_lr_0_1": Row(
-            "flickr8k", "main_held_out_stage1_lr_0_1",
+            ("--batch_size=64", "--stage1_lr_values=0.1,0.01")),
+        "main_held_out_stage1_lr_0_1": _held_out_stage1_row(
+            "lr_0_1",
             "Stage I of the main recipe alone at the paper's rate (0.1, then 0.01 after epoch 50), "
             "not 0.05, on the train list less its last 500 images, validated on those 500 every 10 "
             "epochs: against main_held_out_stage1_curve (224.4), still rising at epoch 50, whose "
             "0.05 was chosen after 2 epochs with the dense W",
-            (_config("flickr8k"),),
-            ("--stage=1", "--stage1_lr_values=0.1,0.01", "--validate_every_epochs=10"), True,
-            held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage1_adam": Row(
-            "flickr8k", "main_held_out_stage1_adam",
+            ("--stage1_lr_values=0.1,0.01",)),
+        "main_held_out_stage1_adam": _held_out_stage1_row(
+            "adam",
             "Stage I of the main recipe alone with Keras Adam at VSE++'s rate (2e-4, then 2e-5 "
             "after epoch 50), not the original's SGD, on the train list less its last 500 images, "
             "validated on those 500 every 10 epochs: against main_held_out_stage1_curve (224.4), "
             "still rising at epoch 50 under SGD",
-            (_config("flickr8k"),),
-            ("--stage=1", "--stage1_optimizer=adam", "--stage1_lr_values=2e-4,2e-5",
-             "--validate_every_epochs=10"), True, held_out=True, word_vectors=GLOVE),
-        "main_held_out_stage1_adam_lr_5e_4": Row(
-            "flickr8k", "main_held_out_stage1_adam_lr_5e_4",
+            ("--stage1_optimizer=adam", "--stage1_lr_values=2e-4,2e-5")),
+        "main_held_out_stage1_adam_lr_5e_4": _held_out_stage1_row(
+            "adam_lr_5e_4",
             "Stage I of the main recipe alone with Keras Adam at 5e-4 (then 5e-5 after epoch 50), "
             "not VSE++'s 2e-4, on the train list less its last 500 images, validated on those 500 "
             "every 10 epochs: against main_held_out_stage1_adam (245.8)",
-            (_config("flickr8k"),),
-            ("--stage=1", "--stage1_optimizer=adam", "--stage1_lr_values=5e-4,5e-5",
-             "--validate_every_epochs=10"), True, held_out=True, word_vectors=GLOVE),
+            ("--stage1_optimizer=adam", "--stage1_lr_values=5e-4,5e-5")),
         "main_held_out_stage2_from_adam": Row(
             "flickr8k", "main_held_out_stage2_from_adam",
             "Stage II as the recipe runs it (20 epochs on batches of 64, lr 0.04 down 10x after "
