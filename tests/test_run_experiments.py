@@ -120,7 +120,8 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage1_curve", "main_held_out_stage1_wide_text",
         "main_held_out_stage1_batch_64", "main_held_out_stage1_lr_0_1",
         "main_held_out_stage1_adam", "main_held_out_stage1_adam_lr_5e_4",
-        "main_held_out_stage2_from_adam", "main_held_out_embedding_lr_1",
+        "main_held_out_stage2_from_adam", "main_held_out_stage2_from_adam_lr_5e_4",
+        "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
         "ranking_only", "instance_only",
@@ -223,7 +224,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         # except the two probes that chose them and the probe after them.
         if values["stage"] in ("both", "2") and row != "main_mobilenet_0_25":
             assert values["stage2_batch_size"] == (
-                64 if row.endswith(("_batch_64", "_from_adam")) else 32), name
+                64 if row.endswith(("_batch_64", "_from_adam", "_from_adam_lr_5e_4")) else 32), name
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
                 row in ("main_stage2_batch_32", "main_stage2_hardest", "main_held_out_stage2_warmup",
@@ -237,7 +238,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_dropout_0_5",
                         "main_held_out_stage2_batch_64",
                         "main_held_out_stage2_recipe_batch_64",
-                        "main_held_out_stage2_from_adam")), name
+                        "main_held_out_stage2_from_adam",
+                        "main_held_out_stage2_from_adam_lr_5e_4")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_batch_32", "main_stage2_hardest",
                                           "main_held_out_stage2_lr_0_02",
@@ -262,6 +264,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage1_adam",
                                           "main_held_out_stage1_adam_lr_5e_4",
                                           "main_held_out_stage2_from_adam",
+                                          "main_held_out_stage2_from_adam_lr_5e_4",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -431,9 +434,10 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage1_lr_boundaries"] == ["50"]
             assert values["text_widths"] == ["128", "256", "512", "1024"]
             continue
-        if row == "main_held_out_stage2_from_adam":
-            # The recipe's own stage II, on the original's SGD, from the Adam stage I.
-            assert values["stage"] == "2" and values["stage1_from"].endswith("/main_held_out_stage1_adam")
+        if row in ("main_held_out_stage2_from_adam", "main_held_out_stage2_from_adam_lr_5e_4"):
+            # The recipe's own stage II, on the original's SGD, from an Adam stage I.
+            stage1_row = row.replace("_stage2_from_", "_stage1_")
+            assert values["stage"] == "2" and values["stage1_from"].endswith(f"/{stage1_row}"), name
             assert values["stage2_backbone_trainable_blocks"] == 10 and values["stage2_batch_size"] == 64
             assert values["stage2_lr_values"] == ["0.04", "0.004"]
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
