@@ -215,8 +215,7 @@ def _held_out_stage1_row(suffix: str, description: str, row_flags: tuple[str, ..
     0.05 as it stood before Adam, changed only by `row_flags`: the probes of stage I's settings."""
     return Row("flickr8k", f"main_held_out_stage1_{suffix}", description, (_config("flickr8k"),),
                ("--stage=1", *STAGE1_SGD, *row_flags, "--validate_every_epochs=10"), True,
-               held_out=True,
-               word_vectors=GLOVE)
+               held_out=True, word_vectors=GLOVE)
 
 
 def _held_out_recipe_stage2_from_row(suffix: str, stage1_row: str, question: str) -> Row:
@@ -311,8 +310,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "flickr8k", "main_stage1_random_word_init",
             "Stage I of the main recipe alone, the word embedding initialised at random",
             (_config("flickr8k"),), ("--stage=1", *STAGE1_SGD, "--word_embedding_init=random"),
-            True,
-            word_vectors=GLOVE),
+            True, word_vectors=GLOVE),
         "main_stage2_hardest": Row(
             "flickr8k", "main_stage2_hardest",
             "Stage II of the main run before batches of 64 (main_stage2_batch_32) again from its "
