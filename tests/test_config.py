@@ -55,9 +55,9 @@ def test_flickr8k_flagfile_resolves_to_its_recipe():
         "MobileNetV2", 1.0, (1, 1, 1, 1), (1024, 1024))
     assert model.weights == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
     stage1, stage2 = (config_flags.stage_config(flag_values, number) for number in config.STAGES)
-    # Stage I on Adam at VSE++'s rate, stage II on the original's SGD.
+    # Stage I on Adam at 5e-4, stage II on the original's SGD.
     assert (stage1.epochs, stage1.lr_values, stage1.lr_boundaries, stage1.feature_views) == (
-        60, (2e-4, 2e-5), (50.0,), 8)
+        60, (5e-4, 5e-5), (50.0,), 8)
     assert (stage1.optimizer, stage2.optimizer) == ("adam", "matconvnet_sgd")
     assert stage1.loss_weights == config.LossWeights(1, 1, 1) and not stage1.train_backbone
     assert (stage2.train_backbone, stage2.backbone_lr_multiplier, stage2.backbone_trainable_blocks) == (
