@@ -10,7 +10,9 @@ The instance classifier W is the paper's dense layer by default; `--classifier=c
 `--classifier_init=imprint` (columns set from the image features when stage I starts fresh)
 make its loss learn within CPU budgets (`dual_path.instance_classifier`). At the end of
 every validation interval the trainer checks that each trained instance loss has left chance
-(`dual_path.instance_health`) and warns, in the log and in TensorBoard, when it has not.
+(`dual_path.instance_health`) and warns, in the log and in TensorBoard, when it has not; at
+every log interval it warns when a path's train instance accuracy falls below half its peak
+in the stage (stage II's start undoing what stage I taught).
 With `--stageN_weight_average_momentum`, the optimizer keeps a moving average of the trained
 weights: every validation scores the averages (`optimization.averaged_weights`), and at the
 stage's end they become the weights, before precise BN and the final checkpoint.
@@ -514,6 +516,7 @@ class Trainer:
         train_loop, log_means, interval_means = self.make_train_loop(
             stage, state.optimizer, state.schedule, state.variables.step)
         iterator = self._train_dataset(stage, state.step)
+        collapse = instance_health.AccuracyCollapse()
         current = state.step
         interval_steps, interval_start = 0, time.monotonic()
         while current < total_steps:
@@ -533,9 +536,12 @@ class Trainer:
             epoch_end = current % steps_per_epoch == 0
             if current % config.log_every_steps == 0 or epoch_end or current == total_steps:
                 elapsed = max(time.monotonic() - interval_start, 1e-9)
-                self._log_progress(stage, current, total_steps, state.schedule.value_at(current - 1),
-                                   _read_and_reset(log_means), interval_steps / elapsed,
-                                   state.writers["train"])
+                means, lr = _read_and_reset(log_means), state.schedule.value_at(current - 1)
+                self._log_progress(stage, current, total_steps, lr, means,
+                                   interval_steps / elapsed, state.writers["train"])
+                self._check_accuracy_collapse(stage, current, lr, means,
+                                              interval_steps * config.stage_batch_size(stage),
+                                              collapse, state.writers["train"])
                 interval_steps = 0
             if epoch_end:
                 checkpoints.check_finite(current)
@@ -583,12 +589,33 @@ class Trainer:
             periods.append(config.checkpoint_every_steps)
         return min([total_steps - current] + [period - current % period for period in periods])
 
+    @staticmethod
+    def _instance_trained_paths(stage: StageConfig) -> list[str]:
+        """The paths ("image", "text") whose instance loss the stage trains (weight > 0)."""
+        weights = {"image": stage.loss_weights.image, "text": stage.loss_weights.text}
+        return [path for path, weight in weights.items() if weight]
+
+    def _check_accuracy_collapse(self, stage: StageConfig, current: int, lr: float, means: dict,
+                                 examples: int, collapse: instance_health.AccuracyCollapse,
+                                 writer) -> None:
+        """Warns (log and TensorBoard text) about each trained path whose train instance
+        accuracy over the log interval just ended (`examples` training examples) fell far below
+        its peak in the stage (`instance_health.AccuracyCollapse`)."""
+        collapsed = collapse.update(current, {path: means[f"{path}_accuracy"]
+                                              for path in self._instance_trained_paths(stage)},
+                                    examples)
+        for path, reason in collapsed.items():
+            message = (f"stage {stage.stage} step {current}: the {path} path's instance loss "
+                       f"is losing what it learnt: {reason} (lr {lr:g})")
+            logging.warning("%s", message)
+            with writer.as_default(step=self._summary_step(current)):
+                tf.summary.text(f"health/{path}_accuracy_collapse", message)
+
     def _check_instance_health(self, stage: StageConfig, finished_epoch: int, means: dict,
                                writer, current: int) -> None:
         """Warns (log and TensorBoard text) about each trained instance loss that stayed at
         chance over the validation interval that just ended (`instance_health.inert_paths`)."""
-        weights = {"image": stage.loss_weights.image, "text": stage.loss_weights.text}
-        trained = [path for path, weight in weights.items() if weight]
+        trained = self._instance_trained_paths(stage)
         inert = instance_health.inert_paths(
             {path: means[f"{path}_loss"] for path in trained},
             {path: means[f"{path}_accuracy"] for path in trained}, self.config.model.num_classes)

@@ -40,6 +40,13 @@ def shard_dir(synthetic_shards) -> str:
 
 
 @pytest.fixture(scope="module")
+def collapse_shards(synthetic_shards) -> str:
+    """256 training images: an epoch's log interval is enough examples for the collapse
+    check (`instance_health.COLLAPSE_MIN_HITS`)."""
+    return synthetic_shards("instance_collapse", num_train=256, num_val=16, image_size=32, seed=3).shard_dir
+
+
+@pytest.fixture(scope="module")
 def learning_shards(synthetic_shards) -> str:
     """64 training images, 5 captions each: enough classes for chance to be 1/64."""
     return synthetic_shards("instance_learning", num_train=64, num_val=16, image_size=32, seed=3).shard_dir
@@ -338,3 +345,60 @@ def test_each_stage_builds_its_own_optimizer(shard_dir, tmp_path):
     _, _, sgd = trainer.prepare_stage(config.stages[1])
     assert isinstance(adam, optimization.MultipliedAdam)
     assert isinstance(sgd, optimization.MatConvNetSGD)
+
+
+def test_accuracy_collapse_names_stage_ii_falling_from_its_peak_once():
+    """The main Flickr8k run's stage II start on batches of 64 (train log of 2026-12-07, row
+    main_stage1_adam_2e_4): image / text accuracy 0.179 / 0.053 over steps 1-50, 0.000 / 0.000
+    over steps 51-93, recovering over epochs."""
+    watch = instance_health.AccuracyCollapse()
+    assert watch.update(50, {"image": 0.179, "text": 0.053}, 50 * 64) == {}
+    collapsed = watch.update(93, {"image": 0.000, "text": 0.000}, 43 * 64)
+    assert set(collapsed) == {"image", "text"}
+    assert "train accuracy 0.000 fell below 0.5 x its peak this stage, 0.179 at step 50" in (
+        collapsed["image"])
+    # Named once per stage however long the collapse lasts.
+    assert watch.update(100, {"image": 0.000, "text": 0.000}, 7 * 64) == {}
+    assert watch.update(150, {"image": 0.001, "text": 0.000}, 50 * 64) == {}
+
+
+def test_accuracy_collapse_stays_quiet_on_a_rising_curve_and_on_small_counts():
+    watch = instance_health.AccuracyCollapse()
+    # Stage I from a random start on 1,600 examples a log: noise near chance (0.03 is 48 hits,
+    # short of a peak), then a curve whose dips stay above half its peak.
+    for step, accuracy in enumerate([0.001, 0.004, 0.001, 0.03, 0.01, 0.2, 0.5, 0.3, 0.9, 0.8], 1):
+        assert watch.update(50 * step, {"image": accuracy}, 1600) == {}, step
+    # A fall from a peak of 20 hits (40 examples) is noise, and so is a fall over 40 examples,
+    # where the peak rate would give 36 hits.
+    small = instance_health.AccuracyCollapse()
+    assert small.update(5, {"text": 0.5}, 40) == {} and small.update(10, {"text": 0.0}, 40) == {}
+    assert small.update(60, {"text": 0.9}, 1600) == {} and small.update(65, {"text": 0.0}, 40) == {}
+    assert set(small.update(115, {"text": 0.0}, 1600)) == {"text"}
+
+
+def test_trainer_warns_when_the_image_accuracy_collapses(collapse_shards, tmp_path, warnings_logged):
+    """Imprinted W (no dropout) classifies a quarter of the training images in training mode;
+    two epochs at lr 0 keep that, then the rate jumps to 1000 and the updates throw it away:
+    one warning, at the first log after the jump (one log an epoch: 4 steps of 64 examples)."""
+    keras.utils.set_random_seed(0)
+    jump = stage(1, epochs=4, lr_values=(0.0, 1000.0), lr_boundaries=(2.0,), weights="0:1:0")
+    config = with_classifier(tiny_config(collapse_shards, tmp_path / "run", [jump],
+                                         classifier_init="imprint", batch_size=64,
+                                         log_every_steps=4), "cosine")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
+    training.train(config)
+    collapsed = [message for message in warnings_logged if "losing what it learnt" in message]
+    assert len(collapsed) == 1, warnings_logged
+    assert collapsed[0].startswith("stage 1 step 12: the image path's"), collapsed
+    assert "(lr 1000)" in collapsed[0]
+
+
+def test_trainer_does_not_warn_while_the_accuracy_holds(collapse_shards, tmp_path, warnings_logged):
+    keras.utils.set_random_seed(0)
+    steady = stage(1, epochs=4, lr_values=(0.0,), weights="0:1:0")
+    config = with_classifier(tiny_config(collapse_shards, tmp_path / "run", [steady],
+                                         classifier_init="imprint", batch_size=64,
+                                         log_every_steps=4), "cosine")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
+    training.train(config)
+    assert not [message for message in warnings_logged if "losing what it learnt" in message]
