@@ -130,10 +130,12 @@ class StageCheckpoints:
         self.check_finite(current)
         self.best.save(checkpoint_number=current)
 
-    def finish(self, write: bool) -> dict:
+    def finish(self, write: bool, train_accuracy: dict | None = None) -> dict:
         """Saves the final step unless its checkpoint exists, then (with write: on the chief)
         writes the done marker; returns it: final_checkpoint and best_checkpoint (relative to
-        the stage folder), step, epoch, best_rsum."""
+        the stage folder), step, epoch, best_rsum, and train_accuracy (trained path -> its train
+        instance accuracy over the stage's last epoch, where given: the next stage's
+        `instance_health.AccuracyCollapse` starts from it)."""
         final_step = int(self.variables.step.numpy())
         latest = self.latest.latest_checkpoint
         if latest is None or checkpoint_number(latest) != final_step:
@@ -143,6 +145,8 @@ class StageCheckpoints:
                 "step": final_step, "epoch": int(self.variables.epoch.numpy()),
                 "best_rsum": float(self.variables.best_rsum.numpy()),
                 "best_checkpoint": os.path.relpath(best, self.directory) if best else None}
+        if train_accuracy:
+            done["train_accuracy"] = train_accuracy
         if write:
             run_layout.write_json_atomically(os.path.join(self.directory, run_layout.DONE_MARKER), done)
         return done

@@ -1,4 +1,4 @@
-"""Whether the instance loss is learning: the trainer's check at every validation interval.
+"""Whether the instance loss is learning: the trainer's checks at every validation and log interval.
 
 With one class per training image, C is in the thousands, and a softmax over C classes that
 has not learnt anything sits at loss ln C with accuracy 1/C. On this project's budgets the
@@ -16,12 +16,17 @@ A path can also learn and then lose what it learnt: stage II's first steps (the 
 the ranking loss joining at the base rate) have taken the main Flickr8k recipe's image accuracy
 from 1.00 at stage I's end to 0.18 over its first 50 steps and 0.000 by step 93, recovering
 only epochs later, with nothing at a validation interval's end to show it. `AccuracyCollapse`
-watches every log interval: a path collapses when its mean train accuracy over the interval
-falls below COLLAPSE_FRACTION of its peak so far in the stage. Only intervals where the
-accuracy stands for at least COLLAPSE_MIN_HITS correct examples can be the peak, and the fall
-counts only where the peak accuracy would give that many hits in the falling interval too: a
-halving is then over three standard deviations of a binomial count, not a small interval's
-noise. A path is named once per stage.
+watches every epoch: a path collapses when its mean train accuracy over the epoch falls below
+COLLAPSE_FRACTION of its peak, the best epoch so far in the stage or, in stage II, stage I's
+last epoch (its done marker's "train_accuracy"). Epochs, not log intervals: within an epoch
+the text accuracy swings by 4x and more, which log intervals would take for collapses. It is
+highest in the first steps after an epoch boundary and lowest at its end: with a new order
+every epoch, the image at step p of an epoch was last trained on, on average, half an epoch
+plus p steps before, and the text path forgets. Only an epoch with at least
+COLLAPSE_MIN_HITS correct examples can set the peak, and the fall counts only where the peak
+accuracy would give that many in the falling epoch too, so that a halving is over three
+standard deviations of a binomial count, not a small epoch's noise. A path is named once per
+stage (a resumed stage starts a new watch).
 """
 import math
 from typing import Mapping
@@ -64,32 +69,36 @@ def inert_paths(mean_losses: Mapping[str, float], mean_accuracies: Mapping[str, 
 class AccuracyCollapse:
     """One stage's watch for trained paths whose train accuracy falls far below its peak.
 
-    `update` takes each log interval's mean accuracies and returns {path: why} for the paths
-    that collapsed at that interval; a path is named at most once per watch (one per stage),
-    so a long collapse gives one warning, not one per log interval.
+    `update` takes each epoch's mean accuracies and returns {path: why} for the paths that
+    collapsed in that epoch; a path is named at most once per watch (one per stage), so a long
+    collapse gives one warning, not one per epoch.
     """
 
-    def __init__(self):
-        self._peaks: dict[str, tuple[float, int]] = {}
+    def __init__(self, previous_stage: Mapping[str, float] | None = None,
+                 previous_stage_name: str = "the previous stage's last epoch"):
+        """previous_stage: path -> its train accuracy over the previous stage's last epoch,
+        the peak to start from (named `previous_stage_name` in the warning)."""
+        self._peaks = {path: (accuracy, previous_stage_name)
+                       for path, accuracy in (previous_stage or {}).items()}
         self._named: set[str] = set()
 
-    def update(self, step: int, accuracies: Mapping[str, float], examples: int) -> dict[str, str]:
-        """{path: why it collapsed} at the log interval ending at `step`.
+    def update(self, epoch: int, accuracies: Mapping[str, float], examples: int) -> dict[str, str]:
+        """{path: why it collapsed} in the stage's epoch `epoch`.
 
         Args:
-          step: the stage's step at the end of the interval.
-          accuracies: path -> its train instance accuracy averaged over the interval (0..1).
-          examples: how many training examples the interval's steps saw.
+          epoch: the stage's epoch (1-based) that just ended.
+          accuracies: path -> its train instance accuracy averaged over the epoch (0..1).
+          examples: how many training examples the epoch's steps saw (fewer than an epoch's
+            in the first epoch of a resumed stage).
         """
         collapsed = {}
         for path, accuracy in accuracies.items():
-            peak, peak_step = self._peaks.get(path, (0.0, step))
+            peak, peak_name = self._peaks.get(path, (0.0, ""))
             if (path not in self._named and peak * examples >= COLLAPSE_MIN_HITS
                     and accuracy < COLLAPSE_FRACTION * peak):
-                collapsed[path] = (f"train accuracy {accuracy:.3f} fell below "
-                                   f"{COLLAPSE_FRACTION:g} x its peak this stage, {peak:.3f} at "
-                                   f"step {peak_step}")
+                collapsed[path] = (f"train accuracy {accuracy:.3f} over the epoch fell below "
+                                   f"{COLLAPSE_FRACTION:g} x its peak, {peak:.3f} in {peak_name}")
                 self._named.add(path)
             if accuracy > peak and accuracy * examples >= COLLAPSE_MIN_HITS:
-                self._peaks[path] = (accuracy, step)
+                self._peaks[path] = (accuracy, f"epoch {epoch}")
         return collapsed

@@ -124,6 +124,8 @@ class StageState:
     variables: checkpointing.StageVariables
     checkpoints: checkpointing.StageCheckpoints
     writers: dict
+    last_epoch_accuracy: dict = dataclasses.field(default_factory=dict)
+    """Trained path -> its train instance accuracy over the last epoch this process trained."""
 
     @property
     def step(self) -> int:
@@ -433,7 +435,8 @@ class Trainer:
         self._summary_step_offset = self._stage_start_global_step(stage.stage)
         if state.step < stage.epochs * self.steps_per_epoch[stage.stage]:
             self._train_loop(state)
-        done = state.checkpoints.finish(write=self.chief)
+        done = state.checkpoints.finish(write=self.chief,
+                                        train_accuracy=state.last_epoch_accuracy or None)
         if self.has_validation:
             self._write_projector(stage.stage, done["step"])
         logging.info("stage %d finished at step %d (epoch %d)", stage.stage, done["step"], done["epoch"])
@@ -516,7 +519,10 @@ class Trainer:
         train_loop, log_means, interval_means = self.make_train_loop(
             stage, state.optimizer, state.schedule, state.variables.step)
         iterator = self._train_dataset(stage, state.step)
-        collapse = instance_health.AccuracyCollapse()
+        collapse = instance_health.AccuracyCollapse(self._previous_stage_accuracy(stage),
+                                                    "stage 1's last epoch")
+        trained_paths = self._instance_trained_paths(stage)
+        epoch_hits, epoch_steps = dict.fromkeys(trained_paths, 0.0), 0
         current = state.step
         interval_steps, interval_start = 0, time.monotonic()
         while current < total_steps:
@@ -539,14 +545,21 @@ class Trainer:
                 means, lr = _read_and_reset(log_means), state.schedule.value_at(current - 1)
                 self._log_progress(stage, current, total_steps, lr, means,
                                    interval_steps / elapsed, state.writers["train"])
-                self._check_accuracy_collapse(stage, current, lr, means,
-                                              interval_steps * config.stage_batch_size(stage),
-                                              collapse, state.writers["train"])
+                for path in trained_paths:
+                    epoch_hits[path] += means[f"{path}_accuracy"] * interval_steps
+                epoch_steps += interval_steps
                 interval_steps = 0
             if epoch_end:
                 checkpoints.check_finite(current)
                 state.variables.epoch.assign(current // steps_per_epoch)
                 finished = current // steps_per_epoch
+                state.last_epoch_accuracy = {path: hits / epoch_steps
+                                             for path, hits in epoch_hits.items()}
+                self._check_accuracy_collapse(stage, current, finished, state.last_epoch_accuracy,
+                                              epoch_steps * config.stage_batch_size(stage),
+                                              collapse, state.writers["train"],
+                                              state.schedule.value_at(current - 1))
+                epoch_hits, epoch_steps = dict.fromkeys(trained_paths, 0.0), 0
                 interval_end = finished % config.validate_every_epochs == 0 or current == total_steps
                 if interval_end:
                     self._check_instance_health(stage, finished, _read_and_reset(interval_means),
@@ -595,18 +608,24 @@ class Trainer:
         weights = {"image": stage.loss_weights.image, "text": stage.loss_weights.text}
         return [path for path, weight in weights.items() if weight]
 
-    def _check_accuracy_collapse(self, stage: StageConfig, current: int, lr: float, means: dict,
-                                 examples: int, collapse: instance_health.AccuracyCollapse,
-                                 writer) -> None:
+    def _previous_stage_accuracy(self, stage: StageConfig) -> dict[str, float] | None:
+        """Stage II: stage I's train instance accuracy over its last epoch, per path it
+        trained (its done marker's "train_accuracy"; None from a marker without it)."""
+        if stage.stage == 1:
+            return None
+        done = run_layout.read_done_marker(self._stage1_dir, 1)
+        return (done or {}).get("train_accuracy")
+
+    def _check_accuracy_collapse(self, stage: StageConfig, current: int, finished_epoch: int,
+                                 accuracy: dict, examples: int,
+                                 collapse: instance_health.AccuracyCollapse, writer,
+                                 lr: float) -> None:
         """Warns (log and TensorBoard text) about each trained path whose train instance
-        accuracy over the log interval just ended (`examples` training examples) fell far below
-        its peak in the stage (`instance_health.AccuracyCollapse`)."""
-        collapsed = collapse.update(current, {path: means[f"{path}_accuracy"]
-                                              for path in self._instance_trained_paths(stage)},
-                                    examples)
-        for path, reason in collapsed.items():
-            message = (f"stage {stage.stage} step {current}: the {path} path's instance loss "
-                       f"is losing what it learnt: {reason} (lr {lr:g})")
+        accuracy over the epoch just ended (`examples` training examples) fell far below its
+        peak (`instance_health.AccuracyCollapse`)."""
+        for path, reason in collapse.update(finished_epoch, accuracy, examples).items():
+            message = (f"stage {stage.stage} epoch {finished_epoch}: the {path} path's instance "
+                       f"loss is losing what it learnt: {reason} (lr {lr:g} at step {current})")
             logging.warning("%s", message)
             with writer.as_default(step=self._summary_step(current)):
                 tf.summary.text(f"health/{path}_accuracy_collapse", message)

@@ -347,58 +347,79 @@ def test_each_stage_builds_its_own_optimizer(shard_dir, tmp_path):
     assert isinstance(sgd, optimization.MatConvNetSGD)
 
 
-def test_accuracy_collapse_names_stage_ii_falling_from_its_peak_once():
-    """The main Flickr8k run's stage II start on batches of 64 (train log of 2026-12-07, row
-    main_stage1_adam_2e_4): image / text accuracy 0.179 / 0.053 over steps 1-50, 0.000 / 0.000
-    over steps 51-93, recovering over epochs."""
-    watch = instance_health.AccuracyCollapse()
-    assert watch.update(50, {"image": 0.179, "text": 0.053}, 50 * 64) == {}
-    collapsed = watch.update(93, {"image": 0.000, "text": 0.000}, 43 * 64)
+def test_accuracy_collapse_names_stage_ii_falling_from_stage_i_once():
+    """The main Flickr8k run's epoch means (train log of 2026-12-07, row main_stage1_adam_2e_4;
+    the log intervals' means weighted by their steps): stage I's last epoch image / text
+    0.9997 / 0.5383; stage II on batches of 64 (93 steps an epoch) 0.0962 / 0.0285 in epoch
+    1, 0.0017 / 0.0004 in epoch 2, 0.9575 / 0.1105 by epoch 9."""
+    watch = instance_health.AccuracyCollapse({"image": 0.9997, "text": 0.5383}, "stage 1's last epoch")
+    collapsed = watch.update(1, {"image": 0.0962, "text": 0.0285}, 93 * 64)
     assert set(collapsed) == {"image", "text"}
-    assert "train accuracy 0.000 fell below 0.5 x its peak this stage, 0.179 at step 50" in (
-        collapsed["image"])
+    assert collapsed["image"] == ("train accuracy 0.096 over the epoch fell below 0.5 x its peak, "
+                                  "1.000 in stage 1's last epoch")
     # Named once per stage however long the collapse lasts.
-    assert watch.update(100, {"image": 0.000, "text": 0.000}, 7 * 64) == {}
-    assert watch.update(150, {"image": 0.001, "text": 0.000}, 50 * 64) == {}
+    assert watch.update(2, {"image": 0.0017, "text": 0.0004}, 93 * 64) == {}
+    assert watch.update(9, {"image": 0.9575, "text": 0.1105}, 93 * 64) == {}
 
 
-def test_accuracy_collapse_stays_quiet_on_a_rising_curve_and_on_small_counts():
+def test_accuracy_collapse_stays_quiet_on_stage_i_and_on_small_counts():
+    # Stage I of the same run (187 steps of 32 an epoch): image at 0.9995-1.0 throughout, text
+    # rising from 0.0 (epoch 1) through 0.002, 0.013, 0.1523, 0.356 to 0.5383 (epochs 2, 10,
+    # 30, 50, 60).
     watch = instance_health.AccuracyCollapse()
-    # Stage I from a random start on 1,600 examples a log: noise near chance (0.03 is 48 hits,
-    # short of a peak), then a curve whose dips stay above half its peak.
-    for step, accuracy in enumerate([0.001, 0.004, 0.001, 0.03, 0.01, 0.2, 0.5, 0.3, 0.9, 0.8], 1):
-        assert watch.update(50 * step, {"image": accuracy}, 1600) == {}, step
+    for epoch, text in zip((1, 2, 10, 30, 50, 60), (0.0, 0.002, 0.013, 0.1523, 0.356, 0.5383)):
+        assert watch.update(epoch, {"image": 0.9996, "text": text}, 187 * 32) == {}, epoch
     # A fall from a peak of 20 hits (40 examples) is noise, and so is a fall over 40 examples,
-    # where the peak rate would give 36 hits.
+    # where the peak rate would give 36 hits; over 1,600 it is a collapse.
     small = instance_health.AccuracyCollapse()
-    assert small.update(5, {"text": 0.5}, 40) == {} and small.update(10, {"text": 0.0}, 40) == {}
-    assert small.update(60, {"text": 0.9}, 1600) == {} and small.update(65, {"text": 0.0}, 40) == {}
-    assert set(small.update(115, {"text": 0.0}, 1600)) == {"text"}
+    assert small.update(1, {"text": 0.5}, 40) == {} and small.update(2, {"text": 0.0}, 40) == {}
+    assert small.update(3, {"text": 0.9}, 1600) == {} and small.update(4, {"text": 0.0}, 40) == {}
+    assert set(small.update(5, {"text": 0.0}, 1600)) == {"text"}
+
+
+def collapse_config(shard_dir, model_dir, stages) -> TrainConfig:
+    """The tiny model with an imprinted cosine W and no dropout, on batches of 64 with one log
+    line an epoch: it classifies about a quarter of the 256 training images in training mode."""
+    config = with_classifier(tiny_config(shard_dir, model_dir, stages, classifier_init="imprint",
+                                         batch_size=64, log_every_steps=4), "cosine")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
+
+
+def collapse_warnings(warnings_logged) -> list[str]:
+    return [message for message in warnings_logged if "losing what it learnt" in message]
 
 
 def test_trainer_warns_when_the_image_accuracy_collapses(collapse_shards, tmp_path, warnings_logged):
-    """Imprinted W (no dropout) classifies a quarter of the training images in training mode;
-    two epochs at lr 0 keep that, then the rate jumps to 1000 and the updates throw it away:
-    one warning, at the first log after the jump (one log an epoch: 4 steps of 64 examples)."""
+    """Two epochs at lr 0 keep the imprinted W's accuracy, then the rate jumps to 1000 and the
+    updates throw it away: one warning, at the end of the first epoch after the jump."""
     keras.utils.set_random_seed(0)
     jump = stage(1, epochs=4, lr_values=(0.0, 1000.0), lr_boundaries=(2.0,), weights="0:1:0")
-    config = with_classifier(tiny_config(collapse_shards, tmp_path / "run", [jump],
-                                         classifier_init="imprint", batch_size=64,
-                                         log_every_steps=4), "cosine")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
-    training.train(config)
-    collapsed = [message for message in warnings_logged if "losing what it learnt" in message]
+    training.train(collapse_config(collapse_shards, tmp_path / "run", [jump]))
+    collapsed = collapse_warnings(warnings_logged)
     assert len(collapsed) == 1, warnings_logged
-    assert collapsed[0].startswith("stage 1 step 12: the image path's"), collapsed
-    assert "(lr 1000)" in collapsed[0]
+    assert collapsed[0].startswith("stage 1 epoch 3: the image path's"), collapsed
+    assert "in epoch 1" in collapsed[0] or "in epoch 2" in collapsed[0]
+    assert "(lr 1000 at step 12)" in collapsed[0]
+
+
+def test_stage_ii_warns_from_stage_i_accuracy_in_its_done_marker(collapse_shards, tmp_path,
+                                                                 warnings_logged):
+    """Stage I at lr 0 ends with its last epoch's accuracy in its done marker; stage II at lr
+    1000 loses it in its first epoch, which is named against stage I's last epoch."""
+    keras.utils.set_random_seed(0)
+    steady = stage(1, epochs=2, lr_values=(0.0,), weights="0:1:0")
+    jump = stage(2, epochs=2, lr_values=(1000.0,), weights="0:1:0")
+    training.train(collapse_config(collapse_shards, tmp_path / "run", [steady, jump]))
+    done = json.loads((tmp_path / "run" / "stage1" / "done").read_text())
+    assert set(done["train_accuracy"]) == {"image"} and done["train_accuracy"]["image"] > 0.2
+    collapsed = collapse_warnings(warnings_logged)
+    assert len(collapsed) == 1, warnings_logged
+    assert collapsed[0].startswith("stage 2 epoch 1: the image path's"), collapsed
+    assert f"{done['train_accuracy']['image']:.3f} in stage 1's last epoch" in collapsed[0]
 
 
 def test_trainer_does_not_warn_while_the_accuracy_holds(collapse_shards, tmp_path, warnings_logged):
     keras.utils.set_random_seed(0)
     steady = stage(1, epochs=4, lr_values=(0.0,), weights="0:1:0")
-    config = with_classifier(tiny_config(collapse_shards, tmp_path / "run", [steady],
-                                         classifier_init="imprint", batch_size=64,
-                                         log_every_steps=4), "cosine")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
-    training.train(config)
-    assert not [message for message in warnings_logged if "losing what it learnt" in message]
+    training.train(collapse_config(collapse_shards, tmp_path / "run", [steady]))
+    assert not collapse_warnings(warnings_logged)
