@@ -1,4 +1,4 @@
-"""Whether the instance loss is learning: the trainer's checks at every validation and log interval.
+"""Whether the instance loss is learning: the trainer's checks at every validation interval and epoch.
 
 With one class per training image, C is in the thousands, and a softmax over C classes that
 has not learnt anything sits at loss ln C with accuracy 1/C. On this project's budgets the
@@ -75,7 +75,7 @@ class AccuracyCollapse:
     """
 
     def __init__(self, previous_stage: Mapping[str, float] | None = None,
-                 previous_stage_name: str = "the previous stage's last epoch"):
+                 previous_stage_name: str = "stage 1's last epoch"):
         """previous_stage: path -> its train accuracy over the previous stage's last epoch,
         the peak to start from (named `previous_stage_name` in the warning)."""
         self._peaks = {path: (accuracy, previous_stage_name)

@@ -11,8 +11,8 @@ The instance classifier W is the paper's dense layer by default; `--classifier=c
 make its loss learn within CPU budgets (`dual_path.instance_classifier`). At the end of
 every validation interval the trainer checks that each trained instance loss has left chance
 (`dual_path.instance_health`) and warns, in the log and in TensorBoard, when it has not; at
-every log interval it warns when a path's train instance accuracy falls below half its peak
-in the stage (stage II's start undoing what stage I taught).
+every epoch's end it warns when a path's train instance accuracy over the epoch falls below
+half its peak, stage I's last epoch included (stage II's start undoing what stage I taught).
 With `--stageN_weight_average_momentum`, the optimizer keeps a moving average of the trained
 weights: every validation scores the averages (`optimization.averaged_weights`), and at the
 stage's end they become the weights, before precise BN and the final checkpoint.
@@ -519,8 +519,7 @@ class Trainer:
         train_loop, log_means, interval_means = self.make_train_loop(
             stage, state.optimizer, state.schedule, state.variables.step)
         iterator = self._train_dataset(stage, state.step)
-        collapse = instance_health.AccuracyCollapse(self._previous_stage_accuracy(stage),
-                                                    "stage 1's last epoch")
+        collapse = instance_health.AccuracyCollapse(self._previous_stage_accuracy(stage))
         trained_paths = self._instance_trained_paths(stage)
         epoch_hits, epoch_steps = dict.fromkeys(trained_paths, 0.0), 0
         current = state.step

@@ -206,7 +206,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage1_epochs"], values["stage1_lr_boundaries"]) == (60, ["50"])
             continue
         # Every row of the MobileNetV2 recipe that trains stage I ran before the held-out split
-        # chose Adam and says so (SGD at 0.05), except the probes of stage I's rate and optimizer.
+        # chose Adam and says so (SGD at 0.05), except the probes of stage I's rate and optimizer
+        # and the main run on Adam at 2e-4.
         if dataset == "flickr8k" and values["stage"] in ("both", "1"):
             assert values["stage1_optimizer"] == ("adam" if "_adam" in row else "matconvnet_sgd"), name
             if row == "main_stage1_adam_2e_4":
