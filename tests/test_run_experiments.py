@@ -120,7 +120,9 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage1_curve", "main_held_out_stage1_wide_text",
         "main_held_out_stage1_batch_64", "main_held_out_stage1_lr_0_1",
         "main_held_out_stage1_adam", "main_held_out_stage1_adam_lr_5e_4",
+        "main_held_out_stage1_adam_lr_1e_3",
         "main_held_out_stage2_from_adam", "main_held_out_stage2_from_adam_lr_5e_4",
+        "main_held_out_stage2_16_epochs",
         "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
@@ -212,7 +214,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage1_optimizer"] == ("adam" if "_adam" in row else "matconvnet_sgd"), name
             if row == "main_stage1_adam_2e_4":
                 assert values["stage1_lr_values"] == ["2e-4", "2e-5"], name
-            elif not row.endswith(("_adam", "_adam_lr_5e_4", "_stage1_lr_0_1", "_stage1_batch_64")):
+            elif not row.endswith(("_adam", "_adam_lr_5e_4", "_adam_lr_1e_3", "_stage1_lr_0_1",
+                                   "_stage1_batch_64")):
                 assert values["stage1_lr_values"] == ["0.05", "0.005"], name
         if row in ("main_stage1_sgd", "main_stage1_adam_2e_4"):
             # The main recipe as it stood before Adam, and before Adam at 5e-4.
@@ -227,7 +230,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         # except the two probes that chose them and the probe after them.
         if values["stage"] in ("both", "2") and row != "main_mobilenet_0_25":
             assert values["stage2_batch_size"] == (
-                64 if row.endswith(("_batch_64", "_from_adam", "_from_adam_lr_5e_4")) else 32), name
+                64 if row.endswith(("_batch_64", "_from_adam", "_from_adam_lr_5e_4", "_16_epochs"))
+                else 32), name
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
                 row in ("main_stage2_batch_32", "main_stage2_hardest", "main_held_out_stage2_warmup",
@@ -242,7 +246,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_batch_64",
                         "main_held_out_stage2_recipe_batch_64",
                         "main_held_out_stage2_from_adam",
-                        "main_held_out_stage2_from_adam_lr_5e_4")), name
+                        "main_held_out_stage2_from_adam_lr_5e_4",
+                        "main_held_out_stage2_16_epochs")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_batch_32", "main_stage2_hardest",
                                           "main_held_out_stage2_lr_0_02",
@@ -266,8 +271,10 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage1_lr_0_1",
                                           "main_held_out_stage1_adam",
                                           "main_held_out_stage1_adam_lr_5e_4",
+                                          "main_held_out_stage1_adam_lr_1e_3",
                                           "main_held_out_stage2_from_adam",
                                           "main_held_out_stage2_from_adam_lr_5e_4",
+                                          "main_held_out_stage2_16_epochs",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -316,8 +323,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
                         "_stage1_curve", "_stage1_wide_text", "_stage1_lr_0_1", "_stage1_adam",
-                        "_adam_lr_5e_4", "_from_adam", "_embedding_lr_1", "_bn_training_views",
-                        "_bn_stage2_top")
+                        "_adam_lr_5e_4", "_adam_lr_1e_3", "_from_adam", "_16_epochs",
+                        "_embedding_lr_1", "_bn_training_views", "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
             assert values["stage2_backbone_trainable_blocks"] == 7, name
@@ -446,8 +453,19 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
             continue
+        if row == "main_held_out_stage2_16_epochs":
+            # The recipe's stage II from the recipe's held-out stage I, 4 epochs at the base rate
+            # shorter, validated at its end.
+            assert values["stage"] == "2"
+            assert values["stage1_from"].endswith("/main_held_out_stage1_adam_lr_5e_4")
+            assert values["stage2_backbone_trainable_blocks"] == 10 and values["stage2_batch_size"] == 64
+            assert values["stage2_lr_values"] == ["0.04", "0.004"]
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (16, ["12"])
+            assert values["validate_every_epochs"] == 16
+            assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
+            continue
         if row in ("main_held_out_stage1_lr_0_1", "main_held_out_stage1_adam",
-                   "main_held_out_stage1_adam_lr_5e_4"):
+                   "main_held_out_stage1_adam_lr_5e_4", "main_held_out_stage1_adam_lr_1e_3"):
             # Stage I alone as main_held_out_stage1_curve, at another rate or optimizer only.
             assert values["stage"] == "1" and values["stage1_epochs"] == 60
             assert values["validate_every_epochs"] == 10 and values["batch_size"] == 32
@@ -457,7 +475,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert values["stage1_lr_values"] == {
                 "main_held_out_stage1_lr_0_1": ["0.1", "0.01"],
                 "main_held_out_stage1_adam": ["2e-4", "2e-5"],
-                "main_held_out_stage1_adam_lr_5e_4": ["5e-4", "5e-5"]}[row], name
+                "main_held_out_stage1_adam_lr_5e_4": ["5e-4", "5e-5"],
+                "main_held_out_stage1_adam_lr_1e_3": ["1e-3", "1e-4"]}[row], name
             continue
         if row in ("main_held_out_bn_training_views", "main_held_out_bn_stage2_top"):
             assert values["stage"] == "both"
