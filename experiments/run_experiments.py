@@ -188,6 +188,10 @@ STAGE1_SGD = ("--stage1_optimizer=matconvnet_sgd", "--stage1_lr_values=0.05,0.00
 # Stage I on Keras Adam at VSE++'s 2e-4 (then 2e-5), as the main recipe ran before the held-out
 # split chose 5e-4 (flickr8k.flags).
 STAGE1_ADAM_2E_4 = ("--stage1_optimizer=adam", "--stage1_lr_values=2e-4,2e-5")
+# Stage II for 20 epochs, lr down 10x after 16, as every row that trained the recipe's own stage
+# II length before the held-out split chose 16 epochs (flickr8k.flags) did: before a row's own
+# flags, which may set another length.
+STAGE2_20_EPOCHS = ("--stage2_epochs=20", "--stage2_lr_boundaries=16")
 
 
 def _held_out_stage2_row(suffix: str, change: str, row_flags: tuple[str, ...],
@@ -209,7 +213,8 @@ def _held_out_recipe_stage2_row(suffix: str, description: str, row_flags: tuple[
     epochs, precise BN) as it stood on batches of 32, changed only by `row_flags`: the probes of
     its length, schedule and batch size."""
     return Row("flickr8k", f"main_held_out_stage2_{suffix}", description, (_config("flickr8k"),),
-               ("--stage=2", *STAGE2_BATCH_32, *row_flags), True, stage1_from_row="main_held_out",
+               ("--stage=2", *STAGE2_20_EPOCHS, *STAGE2_BATCH_32, *row_flags), True,
+               stage1_from_row="main_held_out",
                held_out=True, word_vectors=GLOVE)
 
 
@@ -235,7 +240,8 @@ def _held_out_recipe_stage2_from_row(suffix: str, stage1_row: str, question: str
     return Row("flickr8k", f"main_held_out_stage2_{suffix}",
                f"Stage II {change} from {stage1_row}'s stage I, on the train list less its last "
                f"500 images, validated on those 500 at its end: {question}",
-               (_config("flickr8k"),), ("--stage=2", "--validate_every_epochs=20", *row_flags),
+               (_config("flickr8k"),),
+               ("--stage=2", *STAGE2_20_EPOCHS, "--validate_every_epochs=20", *row_flags),
                True, stage1_from_row=stage1_row, held_out=True, word_vectors=GLOVE)
 
 
@@ -262,21 +268,28 @@ ROWS: dict[str, dict[str, Row]] = {
                     "MobileNetV2 and GloVe: Stage I on the frozen backbone's cached features with "
                     "the instance and ranking losses, then Stage II with the backbone's top blocks "
                     "fine-tuned", (_config("flickr8k"),), (), True, word_vectors=GLOVE),
+        "main_stage2_20_epochs": Row(
+            "flickr8k", "main_stage2_20_epochs",
+            "The main recipe with stage II for 20 epochs (lr down 10x after 16), before the "
+            "held-out split chose 16: the third main run of 2026-12-07",
+            (_config("flickr8k"),), STAGE2_20_EPOCHS, True, word_vectors=GLOVE),
         "main_stage1_adam_2e_4": Row(
             "flickr8k", "main_stage1_adam_2e_4",
             "The main recipe with stage I on Keras Adam at VSE++'s 2e-4 (then 2e-5), before the "
             "held-out split chose 5e-4: the second main run of 2026-12-07",
-            (_config("flickr8k"),), STAGE1_ADAM_2E_4, True, word_vectors=GLOVE),
+            (_config("flickr8k"),), (*STAGE1_ADAM_2E_4, *STAGE2_20_EPOCHS), True,
+            word_vectors=GLOVE),
         "main_stage1_sgd": Row(
             "flickr8k", "main_stage1_sgd",
             "The main recipe with stage I on the original's SGD (Nesterov 0.9, lr 0.05, then "
             "0.005), before the held-out split chose Adam: the main run of 2026-12-07",
-            (_config("flickr8k"),), STAGE1_SGD, True, word_vectors=GLOVE),
+            (_config("flickr8k"),), (*STAGE1_SGD, *STAGE2_20_EPOCHS), True, word_vectors=GLOVE),
         "main_stage2_batch_32": Row(
             "flickr8k", "main_stage2_batch_32",
             "The main recipe with stage II on batches of 32 at lr 0.02 (then 0.002), before the "
             "held-out split chose 64 at 0.04: the main run of 2026-12-06 (its run B)",
-            (_config("flickr8k"),), (*STAGE1_SGD, *STAGE2_BATCH_32), True, word_vectors=GLOVE),
+            (_config("flickr8k"),), (*STAGE1_SGD, *STAGE2_BATCH_32, *STAGE2_20_EPOCHS), True,
+            word_vectors=GLOVE),
         "main_mobilenet_0_25": Row(
             "flickr8k", "main_mobilenet_0_25",
             "The recipe before: MobileNet 0.25 and word2vec trained on the captions, Stage II "
@@ -286,14 +299,14 @@ ROWS: dict[str, dict[str, Row]] = {
             "flickr8k", "main_stage2_lr_0_01",
             "The main recipe with stage II at base rate 0.01 (then 0.001), the rate before the "
             "held-out split chose 0.02", (_config("flickr8k"),),
-            (*STAGE1_SGD, *STAGE2_BATCH_32, STAGE2_LR_0_01, NO_PRECISE_BN), True,
-            word_vectors=GLOVE),
+            (*STAGE1_SGD, *STAGE2_BATCH_32, STAGE2_LR_0_01, *STAGE2_20_EPOCHS, NO_PRECISE_BN),
+            True, word_vectors=GLOVE),
         "main_stage2_7_blocks": Row(
             "flickr8k", "main_stage2_7_blocks",
             "The main recipe fine-tuning the backbone's last 7 blocks in stage II, the count before "
             "the held-out split chose 10", (_config("flickr8k"),),
-            (*STAGE1_SGD, *STAGE2_BATCH_32, STAGE2_7_BLOCKS, STAGE2_LR_0_01, NO_PRECISE_BN), True,
-            word_vectors=GLOVE),
+            (*STAGE1_SGD, *STAGE2_BATCH_32, STAGE2_7_BLOCKS, STAGE2_LR_0_01, *STAGE2_20_EPOCHS,
+             NO_PRECISE_BN), True, word_vectors=GLOVE),
         "main_stage2_10_epochs": Row(
             "flickr8k", "main_stage2_10_epochs",
             "Stage II of main_stage2_7_blocks again from its stage I for 10 epochs (lr down 10x "
@@ -312,7 +325,8 @@ ROWS: dict[str, dict[str, Row]] = {
             "Stage II of main_stage2_7_blocks again from its stage I with the backbone frozen, for "
             "the main recipe's 20 epochs", (_config("flickr8k"),),
             ("--stage=2", *STAGE2_BATCH_32, "--stage2_backbone_trainable_blocks=0", STAGE2_LR_0_01,
-             NO_PRECISE_BN), True, stage1_from_row="main_stage2_7_blocks", word_vectors=GLOVE),
+             *STAGE2_20_EPOCHS, NO_PRECISE_BN), True, stage1_from_row="main_stage2_7_blocks",
+            word_vectors=GLOVE),
         "main_stage1_only": Row(
             "flickr8k", "main_stage1_only", "Stage I of the main recipe alone (GloVe)",
             (_config("flickr8k"),), ("--stage=1", *STAGE1_SGD), True, word_vectors=GLOVE),
@@ -329,7 +343,7 @@ ROWS: dict[str, dict[str, Row]] = {
             "flickr8k", "main_stage2_hardest",
             "Stage II of the main run before batches of 64 (main_stage2_batch_32) again from its "
             "stage I, with the paper's ranking loss on the hardest negative", (_config("flickr8k"),),
-            ("--stage=2", *STAGE2_BATCH_32, "--stage2_hardest_negative"), True,
+            ("--stage=2", *STAGE2_BATCH_32, *STAGE2_20_EPOCHS, "--stage2_hardest_negative"), True,
             stage1_from_row="main_stage2_batch_32", word_vectors=GLOVE),
         # Stage II's ranking loss, length, rates and block count chosen on the split held
         # out of train (never on dev): the main recipe trained on the train list less its last

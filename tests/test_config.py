@@ -64,6 +64,7 @@ def test_flickr8k_flagfile_resolves_to_its_recipe():
         True, 0.1, 10)
     # Stage II on batches of 64 at twice the rate; stage I keeps the run's 32.
     assert (stage1.batch_size, stage2.batch_size, stage2.lr_values) == (None, 64, (0.04, 0.004))
+    assert (stage2.epochs, stage2.lr_boundaries) == (16, (12.0,))
     run = config.TrainConfig(model_dir="run", shard_dir="shards", model=model, stages=(stage1, stage2),
                              batch_size=flag_values.batch_size)
     assert [run.stage_batch_size(stage) for stage in run.stages] == [32, 64]

@@ -101,7 +101,7 @@ ABLATION_EPOCHS = {"flickr8k": 60, "synthetic": 24}
 
 def test_registry_rows_and_their_flagfiles():
     assert list(run_experiments.ROWS["flickr8k"]) == [
-        "main", "main_stage1_adam_2e_4", "main_stage1_sgd", "main_stage2_batch_32", "main_mobilenet_0_25", "main_stage2_lr_0_01", "main_stage2_7_blocks",
+        "main", "main_stage2_20_epochs", "main_stage1_adam_2e_4", "main_stage1_sgd", "main_stage2_batch_32", "main_mobilenet_0_25", "main_stage2_lr_0_01", "main_stage2_7_blocks",
         "main_stage2_10_epochs",
         "main_no_finetune",
         "main_no_finetune_20_epochs", "main_stage1_only",
@@ -152,7 +152,8 @@ def test_registry_rows_and_their_flagfiles():
                             "main_stage1_random_word_init": "glove", "main_stage2_hardest": "glove",
                             "main_stage2_10_epochs": "glove", "main_stage2_7_blocks": "glove",
                             "main_stage2_lr_0_01": "glove", "main_stage2_batch_32": "glove",
-                            "main_stage1_sgd": "glove", "main_stage1_adam_2e_4": "glove"}
+                            "main_stage1_sgd": "glove", "main_stage1_adam_2e_4": "glove",
+                            "main_stage2_20_epochs": "glove"}
     # Stage II's ranking loss is chosen on the split held out of train, with the main recipe.
     held_out = run_experiments.ROWS["flickr8k"]["main_held_out_stage2_hardest"]
     assert held_out.held_out and held_out.stage1_from_row == "main_held_out"
@@ -194,7 +195,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["backbone"], values["alpha"]) == ("MobileNetV2", 1.0)
             assert values["weights"] == "../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5"
             assert values["stage2_backbone_trainable_blocks"] == 10
-            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (16, ["12"])
             # Stage II on batches of 64 at twice the rate; stage I on the run's 32.
             assert (values["batch_size"], values["stage2_batch_size"]) == (32, 64)
             assert values["stage2_lr_values"] == ["0.04", "0.004"]
@@ -208,18 +209,23 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage1_epochs"], values["stage1_lr_boundaries"]) == (60, ["50"])
             continue
         # Every row of the MobileNetV2 recipe that trains stage I ran before the held-out split
-        # chose Adam and says so (SGD at 0.05), except the probes of stage I's rate and optimizer
-        # and the main run on Adam at 2e-4.
+        # chose Adam and says so (SGD at 0.05), except the probes of stage I's rate and optimizer,
+        # the main run on Adam at 2e-4 and the one on 5e-4 with 20 epochs of stage II.
         if dataset == "flickr8k" and values["stage"] in ("both", "1"):
-            assert values["stage1_optimizer"] == ("adam" if "_adam" in row else "matconvnet_sgd"), name
+            on_adam = "_adam" in row or row == "main_stage2_20_epochs"
+            assert values["stage1_optimizer"] == ("adam" if on_adam else "matconvnet_sgd"), name
             if row == "main_stage1_adam_2e_4":
                 assert values["stage1_lr_values"] == ["2e-4", "2e-5"], name
+            elif row == "main_stage2_20_epochs":
+                assert values["stage1_lr_values"] == ["5e-4", "5e-5"], name
             elif not row.endswith(("_adam", "_adam_lr_5e_4", "_adam_lr_1e_3", "_stage1_lr_0_1",
                                    "_stage1_batch_64")):
                 assert values["stage1_lr_values"] == ["0.05", "0.005"], name
-        if row in ("main_stage1_sgd", "main_stage1_adam_2e_4"):
-            # The main recipe as it stood before Adam, and before Adam at 5e-4.
+        if row in ("main_stage1_sgd", "main_stage1_adam_2e_4", "main_stage2_20_epochs"):
+            # The main recipe as it stood before Adam, before Adam at 5e-4 and before 16 epochs
+            # of stage II.
             assert values["stage"] == "both" and values["stage2_batch_size"] == 64
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_lr_values"] == ["0.04", "0.004"]
             assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
             continue

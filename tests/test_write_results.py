@@ -136,7 +136,7 @@ def test_benchmark_tables(results_dir):
 def test_missing_json_says_not_run_yet(tmp_path):
     page = write_results.render(str(tmp_path))
     flickr = section(page, "## Flickr8k")
-    assert ("Not run yet: main, main_stage1_adam_2e_4, main_stage1_sgd, main_stage2_batch_32, main_mobilenet_0_25, main_stage2_lr_0_01, "
+    assert ("Not run yet: main, main_stage2_20_epochs, main_stage1_adam_2e_4, main_stage1_sgd, main_stage2_batch_32, main_mobilenet_0_25, main_stage2_lr_0_01, "
             "main_stage2_7_blocks, main_stage2_10_epochs, main_no_finetune, main_no_finetune_20_epochs, main_stage1_only, "
             "main_stage1_word2vec_captions, main_stage1_random_word_init, main_stage2_hardest, "
             "main_held_out, main_held_out_stage2_hardest, main_held_out_stage2_20_epochs, "
