@@ -122,7 +122,7 @@ def test_registry_rows_and_their_flagfiles():
         "main_held_out_stage1_adam", "main_held_out_stage1_adam_lr_5e_4",
         "main_held_out_stage1_adam_lr_1e_3",
         "main_held_out_stage2_from_adam", "main_held_out_stage2_from_adam_lr_5e_4",
-        "main_held_out_stage2_16_epochs",
+        "main_held_out_stage2_16_epochs", "main_held_out_stage2_12_epochs",
         "main_held_out_embedding_lr_1",
         "main_held_out_bn_training_views",
         "main_held_out_bn_stage2_top", "both",
@@ -233,10 +233,11 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
         # so, except main_stage2_batch_32 and main_stage2_hardest, stage II of that run again,
         # and the held-out probes of stage II that ran after it. Every row of the MobileNetV2
         # recipe that trains stage II ran before the split chose batches of 64 and says so,
-        # except the two probes that chose them and the probe after them.
+        # except the two probes that chose them and the probes after them.
         if values["stage"] in ("both", "2") and row != "main_mobilenet_0_25":
             assert values["stage2_batch_size"] == (
-                64 if row.endswith(("_batch_64", "_from_adam", "_from_adam_lr_5e_4", "_16_epochs"))
+                64 if row.endswith(("_batch_64", "_from_adam", "_from_adam_lr_5e_4", "_16_epochs",
+                                    "_12_epochs"))
                 else 32), name
         if values["stage"] in ("both", "2"):
             assert values["stage2_precise_bn"] is (
@@ -253,7 +254,8 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "main_held_out_stage2_recipe_batch_64",
                         "main_held_out_stage2_from_adam",
                         "main_held_out_stage2_from_adam_lr_5e_4",
-                        "main_held_out_stage2_16_epochs")), name
+                        "main_held_out_stage2_16_epochs",
+                        "main_held_out_stage2_12_epochs")), name
         ran_at_lr_0_01 = (row.startswith(("main_stage2_", "main_no_finetune", "main_held_out"))
                           and row not in ("main_stage2_batch_32", "main_stage2_hardest",
                                           "main_held_out_stage2_lr_0_02",
@@ -281,6 +283,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                                           "main_held_out_stage2_from_adam",
                                           "main_held_out_stage2_from_adam_lr_5e_4",
                                           "main_held_out_stage2_16_epochs",
+                                          "main_held_out_stage2_12_epochs",
                                           "main_held_out_embedding_lr_1",
                                           "main_held_out_bn_training_views",
                                           "main_held_out_bn_stage2_top"))
@@ -329,7 +332,7 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
                         "_2_1_0_1", "_warmup", "_head_lr_0_01", "_weight_average", "_recipe",
                         "_25_epochs", "_drop_after_12", "_dropout_0_5", "_batch_64",
                         "_stage1_curve", "_stage1_wide_text", "_stage1_lr_0_1", "_stage1_adam",
-                        "_adam_lr_5e_4", "_adam_lr_1e_3", "_from_adam", "_16_epochs",
+                        "_adam_lr_5e_4", "_adam_lr_1e_3", "_from_adam", "_16_epochs", "_12_epochs",
                         "_embedding_lr_1", "_bn_training_views", "_bn_stage2_top")
         if row.startswith("main_held_out") and not row.endswith(on_10_blocks):
             # The held-out rows that ran before the split chose 10 blocks say so.
@@ -459,15 +462,17 @@ def test_every_row_parses_with_the_trainer_flags(parsed_rows):
             assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (20, ["16"])
             assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
             continue
-        if row == "main_held_out_stage2_16_epochs":
-            # The recipe's stage II from the recipe's held-out stage I, 4 epochs at the base rate
-            # shorter, validated at its end.
+        if row in ("main_held_out_stage2_16_epochs", "main_held_out_stage2_12_epochs"):
+            # The recipe's stage II from the recipe's held-out stage I, shorter, the lr down 10x
+            # for its last quarter, validated at its end.
+            epochs, boundary = {"main_held_out_stage2_16_epochs": (16, "12"),
+                                "main_held_out_stage2_12_epochs": (12, "9")}[row]
             assert values["stage"] == "2"
             assert values["stage1_from"].endswith("/main_held_out_stage1_adam_lr_5e_4")
             assert values["stage2_backbone_trainable_blocks"] == 10 and values["stage2_batch_size"] == 64
             assert values["stage2_lr_values"] == ["0.04", "0.004"]
-            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (16, ["12"])
-            assert values["validate_every_epochs"] == 16
+            assert (values["stage2_epochs"], values["stage2_lr_boundaries"]) == (epochs, [boundary])
+            assert values["validate_every_epochs"] == epochs
             assert values["stage2_precise_bn"] is True and values["stage2_optimizer"] == "matconvnet_sgd"
             continue
         if row in ("main_held_out_stage1_lr_0_1", "main_held_out_stage1_adam",

@@ -155,7 +155,7 @@ def test_missing_json_says_not_run_yet(tmp_path):
             "main_held_out_stage1_adam, main_held_out_stage1_adam_lr_5e_4, "
             "main_held_out_stage1_adam_lr_1e_3, "
             "main_held_out_stage2_from_adam, main_held_out_stage2_from_adam_lr_5e_4, "
-            "main_held_out_stage2_16_epochs, "
+            "main_held_out_stage2_16_epochs, main_held_out_stage2_12_epochs, "
             "main_held_out_embedding_lr_1, main_held_out_bn_training_views, "
             "main_held_out_bn_stage2_top "
             "(`python -m experiments.run_experiments --dataset=flickr8k --rows=main,") in flickr
